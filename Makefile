@@ -1,0 +1,40 @@
+# The two commands a user needs: `make demo` and `make test`. Each creates .venv on first use.
+# TORCH pins the CPU build found on these machines; override with e.g. `make test TORCH=torch`.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: test demo bench lint clean
+
+$(VENV)/.base: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install "$(TORCH)"
+	$(PIP) install -e ".[test]"
+	touch $@
+
+$(VENV)/.demo: $(VENV)/.base
+	$(PIP) install -e ".[test,demo]"
+	touch $@
+
+$(VENV)/.lint: $(VENV)/.base
+	$(PIP) install -e ".[lint]"
+	touch $@
+
+test: $(VENV)/.base
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(VENV)/.demo
+	$(PY) -m factlin demo $(DEMO_ARGS)
+
+bench: $(VENV)/.base
+	-$(PIP) install -e ".[bench]"
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
+
+lint: $(VENV)/.lint
+	$(PY) -m ruff check factlin tests benchmarks
+	$(PY) -m ruff format --check factlin tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

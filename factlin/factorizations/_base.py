@@ -1,0 +1,215 @@
+"""The interface every factorized weight implements.
+
+A factorized weight represents ``n_layers`` matrices of shape ``(out_features, in_features)``,
+tensorized to ``(n_layers,) + out_shape + in_shape`` (the leading mode only when
+``n_layers > 1``) and stored as a few small tensors (its *operands*). A subclass says which
+operands it has and how their indices connect (an einsum signature); everything else -- the full
+tensor, the matrix, the contraction with an input, the plan cache -- is shared here.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import nn
+
+from .._typing import RankSpec, Shape
+from ..contraction import EINSUM_LETTERS, ContractionPlan, plan_contraction
+from ..errors import ShapeError
+
+__all__ = ["FactorizedWeight", "Signature"]
+
+#: Operand subscripts, then the letters of the layer mode (or ``''``), the out modes, the in modes.
+Signature = tuple[list[str], str, str, str]
+
+_BATCH_LETTER = EINSUM_LETTERS[-1]
+_MAX_BATCH_BUCKET = 1 << 14
+_COMPILED_BATCH_BUCKET = 256
+
+
+def batch_bucket(batch: int) -> int:
+    """Power of two at or above ``batch`` (capped), the batch size a plan is chosen for."""
+    if torch.compiler.is_compiling():
+        return _COMPILED_BATCH_BUCKET
+    return min(_MAX_BATCH_BUCKET, 1 << max(0, int(batch) - 1).bit_length())
+
+
+class FactorizedWeight(nn.Module, ABC):
+    """A stack of ``n_layers`` weight matrices held in a low-rank tensor format.
+
+    Parameters
+    ----------
+    in_shape, out_shape : tuple of int
+        Tensorized input and output features.
+    rank : str, float, int or tuple of int
+        Rank specification, resolved by :mod:`factlin.rank`.
+    n_layers : int
+        Number of matrices parametrized jointly (a leading tensor mode when > 1).
+    device, dtype
+        Where and how the parameters are allocated.
+
+    Notes
+    -----
+    Parameters are allocated but not initialized; call :meth:`reset_parameters` or
+    :meth:`init_from_tensor`.
+    """
+
+    #: Registry name, e.g. ``'cp'``.
+    name: ClassVar[str]
+
+    def __init__(
+        self,
+        in_shape: Shape,
+        out_shape: Shape,
+        rank: RankSpec,
+        n_layers: int = 1,
+        *,
+        device: Optional[torch.device | str] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        self.in_shape: Shape = tuple(in_shape)
+        self.out_shape: Shape = tuple(out_shape)
+        self.n_layers: int = int(n_layers)
+        self.in_features: int = math.prod(self.in_shape)
+        self.out_features: int = math.prod(self.out_shape)
+        self._plans: dict[tuple[Any, ...], ContractionPlan] = {}
+        self.rank = self.resolve_rank(rank)
+        self._allocate(device=device, dtype=dtype)
+
+    # ---- what a factorization provides --------------------------------------------------
+    @abstractmethod
+    def resolve_rank(self, rank: RankSpec) -> Any:
+        """Concrete rank(s) for this weight's shapes (see :mod:`factlin.rank`)."""
+
+    @abstractmethod
+    def _allocate(self, *, device: Any, dtype: Any) -> None:
+        """Create the (uninitialized) parameters."""
+
+    @abstractmethod
+    def _signature(self, layer_selected: bool) -> Signature:
+        """Einsum subscripts of :meth:`_operands`, and the layer/out/in mode letters."""
+
+    @abstractmethod
+    def _operands(self, layer: Optional[int]) -> list[torch.Tensor]:
+        """The tensors to contract; with ``layer`` given, the layer mode is indexed away."""
+
+    @abstractmethod
+    def reset_parameters(self, std: float) -> None:
+        """Random init: the rebuilt weight has mean 0 and standard deviation ``std``."""
+
+    @abstractmethod
+    def init_from_tensor(self, tensor: torch.Tensor, **decomposition_kwargs: Any) -> dict:
+        """Set the parameters by decomposing ``tensor`` (shape :attr:`tensor_shape`).
+
+        Returns the decomposition's diagnostics (e.g. ``rel_error``, ``n_iter``).
+        """
+
+    @classmethod
+    @abstractmethod
+    def count_params(cls, in_shape: Shape, out_shape: Shape, rank: Any, n_layers: int = 1) -> int:
+        """Closed-form parameter count for already resolved ``rank``."""
+
+    # ---- shared behaviour ---------------------------------------------------------------
+    @property
+    def tensor_shape(self) -> Shape:
+        """Shape of the full tensor: ``(n_layers,) + out_shape + in_shape`` or without n_layers."""
+        layers = (self.n_layers,) if self.n_layers > 1 else ()
+        return layers + self.out_shape + self.in_shape
+
+    def num_parameters(self) -> int:
+        """Number of scalars stored."""
+        return sum(p.numel() for p in self.parameters())
+
+    def _plan(self, kind: str, layer_selected: bool, batch: int) -> ContractionPlan:
+        """The cached plan for ``kind`` ('contract' or 'tensor'); built on first use only."""
+        key = (kind, layer_selected, batch)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._build_plan(kind, layer_selected, batch)
+            self._plans[key] = plan
+        return plan
+
+    def _build_plan(self, kind: str, layer_selected: bool, batch: int) -> ContractionPlan:
+        subscripts, layer_letters, out_letters, in_letters = self._signature(layer_selected)
+        shapes = [tuple(t.shape) for t in self._operands(0 if layer_selected else None)]
+        if kind == "contract":
+            in_sizes = self._contraction_in_shape()
+            subscripts = [_BATCH_LETTER + in_letters, *subscripts]
+            shapes = [(batch, *in_sizes), *shapes]
+            output = _BATCH_LETTER + out_letters
+        else:
+            output = ("" if layer_selected else layer_letters) + out_letters + in_letters
+        equation = ",".join(subscripts) + "->" + output
+        return plan_contraction(equation, shapes, input_first=kind == "contract")
+
+    def _contraction_in_shape(self) -> Shape:
+        """Shape the input's feature dimension is reshaped to (may pad with size-1 modes)."""
+        return self.in_shape
+
+    def _contraction_out_shape(self) -> Shape:
+        return self.out_shape
+
+    def contract(self, x: torch.Tensor, layer: Optional[int] = None) -> torch.Tensor:
+        """Apply the weight to ``x`` of shape ``(batch, in_features)`` without rebuilding it.
+
+        Returns ``(batch, out_features)``. ``layer`` must be given when ``n_layers > 1``.
+        """
+        batch = x.shape[0]
+        selected = self.n_layers > 1
+        plan = self._plan("contract", selected, batch_bucket(batch))
+        operands = self._operands(layer if selected else None)
+        # (batch, in_features) -> (batch, *in_modes) -> (batch, *out_modes) -> (batch, out_features)
+        y = plan(x.reshape(batch, *self._contraction_in_shape()), *operands)
+        return y.reshape(batch, self.out_features)
+
+    def to_tensor(self, layer: Optional[int] = None) -> torch.Tensor:
+        """Rebuild the full tensor: ``tensor_shape``, or ``out_shape + in_shape`` for one layer.
+
+        This materializes ``n_layers * out_features * in_features`` values: expensive for large
+        layers, meant for inspection and for the ``'reconstructed'`` forward.
+        """
+        selected = layer is not None and self.n_layers > 1
+        plan = self._plan("tensor", selected, 0)
+        tensor = plan(*self._operands(layer if selected else None))
+        shape = self.out_shape + self.in_shape
+        if self.n_layers > 1 and not selected:
+            shape = (self.n_layers, *shape)
+        return tensor.reshape(shape)
+
+    def to_matrix(self, layer: Optional[int] = None) -> torch.Tensor:
+        """Rebuild the weight matrix: ``(out, in)``, or ``(n_layers, out, in)`` when
+        ``n_layers > 1`` and no ``layer`` is given. Expensive, like :meth:`to_tensor`."""
+        tensor = self.to_tensor(layer)
+        if self.n_layers > 1 and (layer is None):
+            return tensor.reshape(self.n_layers, self.out_features, self.in_features)
+        return tensor.reshape(self.out_features, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"in_shape={self.in_shape}, out_shape={self.out_shape}, rank={self.rank}" + (
+            f", n_layers={self.n_layers}" if self.n_layers > 1 else ""
+        )
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_plans"] = {}
+        return state
+
+
+def check_einsum_letters(needed: int, in_shape: Sequence[int], out_shape: Sequence[int]) -> None:
+    """Raise when a tensorization has more modes than einsum has index letters."""
+    if needed > len(EINSUM_LETTERS) - 1:
+        raise ShapeError(
+            f"in_tensorized_features={tuple(in_shape)} and out_tensorized_features="
+            f"{tuple(out_shape)} need {needed} einsum indices; at most "
+            f"{len(EINSUM_LETTERS) - 1} are available: use fewer tensorized modes"
+        )
+
+
+def letters(count: int, start: int = 0) -> str:
+    """``count`` distinct einsum letters starting at position ``start``."""
+    return EINSUM_LETTERS[start : start + count]
