@@ -10,7 +10,7 @@ from ._typing import Shape
 from .errors import FactlinError, InputError, ShapeError, describe
 
 #: Forward implementations a layer accepts.
-IMPLEMENTATIONS = ("factorized", "reconstructed")
+IMPLEMENTATIONS = ("factorized", "reconstructed", "auto")
 
 
 def check_int(name: str, value: object, minimum: int) -> int:

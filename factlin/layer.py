@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 from typing import Any, Optional
 
 import torch
@@ -20,10 +21,18 @@ from ._validation import (
     check_layer_index,
     check_tensorized_features,
 )
+from .cost_model import choose_implementation
+from .errors import InputError, ShapeError, describe
 from .factorizations import FactorizedWeight, get_factorization
+from .factorizations._base import batch_bucket
 from .rank import validate_rank
+from .tensorized_shape import get_tensorized_shape
+from .weight_cache import WeightCache
 
 __all__ = ["FactorizedLinear", "SubFactorizedLinear"]
+
+#: Set while a layer is built to be filled by a decomposition: skip the random init.
+_SKIP_RANDOM_INIT: ContextVar[bool] = ContextVar("factlin_skip_random_init", default=False)
 
 
 class FactorizedLinear(nn.Module):
@@ -48,10 +57,12 @@ class FactorizedLinear(nn.Module):
         ``'same'``: as many parameters as the dense weight; float ``f``: ``f`` times that; int:
         the CP rank / every Tucker rank / every TT bond rank; tuple: per-mode Tucker ranks or TT
         bond ranks. See :mod:`factlin.rank`. The resolved ranks are in :attr:`rank`.
-    implementation : {'factorized', 'reconstructed'}, default 'factorized'
+    implementation : {'factorized', 'reconstructed', 'auto'}, default 'factorized'
         ``'factorized'`` contracts the input with the factors directly (the full weight is never
-        formed); ``'reconstructed'`` rebuilds the weight matrix and calls ``F.linear``. Can be
-        changed after construction.
+        formed); ``'reconstructed'`` rebuilds the weight matrix and calls ``F.linear``;
+        ``'auto'`` picks one of the two per call from a cost model of the batch size and
+        whether gradients are needed (see :mod:`factlin.cost_model`). Can be changed after
+        construction.
     n_layers : int, default 1
         Number of linear layers parametrized jointly by one factorized tensor.
     checkpointing : bool, default False
@@ -66,6 +77,12 @@ class FactorizedLinear(nn.Module):
     weight : FactorizedWeight
         The parametrization: ``weight.to_matrix()`` rebuilds the dense matrix.
     bias : torch.nn.Parameter or None
+    inference_cache : bool
+        When True (default), the ``'reconstructed'`` and ``'auto'`` forwards run without
+        autograd reuse the rebuilt matrix while no parameter has changed (see
+        :mod:`factlin.weight_cache`). Set to False to save the memory of one dense matrix.
+    decomposition_info : dict or None
+        Diagnostics of the decomposition that initialized the layer (:meth:`from_linear`).
 
     Examples
     --------
@@ -103,6 +120,10 @@ class FactorizedLinear(nn.Module):
         self.in_features: int = math.prod(in_shape)
         self.out_features: int = math.prod(out_shape)
         self.factorization: str = weight_class.name
+        self.inference_cache: bool = True
+        self.decomposition_info: Optional[dict] = None
+        self._weight_cache = WeightCache()
+        self._auto_choices: dict[tuple[int, bool, bool], str] = {}
         self.weight: FactorizedWeight = weight_class(
             in_shape, out_shape, rank, self.n_layers, device=device, dtype=dtype
         )
@@ -113,7 +134,229 @@ class FactorizedLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(bias_shape, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
-        self.reset_parameters()
+        if not _SKIP_RANDOM_INIT.get():
+            self.reset_parameters()
+
+    # ---- building from trained layers -------------------------------------------------------
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        rank: RankSpec = "same",
+        auto_tensorize: bool = True,
+        n_tensorized_modes: int = 3,
+        in_tensorized_features: Optional[Shape] = None,
+        out_tensorized_features: Optional[Shape] = None,
+        bias: bool = True,
+        factorization: str = "CP",
+        implementation: str = "reconstructed",
+        checkpointing: bool = False,
+        decomposition_kwargs: Optional[dict] = None,
+        verbose: bool = False,
+    ) -> FactorizedLinear:
+        """Compress a trained ``nn.Linear`` by decomposing its weight.
+
+        Parameters
+        ----------
+        linear : torch.nn.Linear
+            The layer to compress (any module with a 2-D ``weight`` and optional ``bias``).
+        rank : 'same', float, int or tuple of int, default 'same'
+            As in the constructor.
+        auto_tensorize : bool, default True
+            Choose the tensorized shapes with :func:`factlin.get_tensorized_shape`; then
+            ``in_tensorized_features`` and ``out_tensorized_features`` must be None.
+        n_tensorized_modes : int, default 3
+            Modes per side when ``auto_tensorize`` (fewer when the sizes do not allow it).
+        in_tensorized_features, out_tensorized_features : tuple of int, optional
+            Explicit shapes (with ``auto_tensorize=False``); their products must equal the
+            linear's ``in_features`` and ``out_features``.
+        bias : bool, default True
+            Copy the linear's bias when it has one (no bias is invented otherwise).
+        factorization : str, default 'CP'
+        implementation : str, default 'reconstructed'
+        checkpointing : bool, default False
+        decomposition_kwargs : dict, optional
+            Passed to the decomposition: ``n_iter_max``, ``tol``, ``init``, ``random_state``,
+            ``memory_limit_bytes``, ``callback`` and, for TT, ``rel_tol``.
+        verbose : bool, default False
+            Log progress through ``logging.getLogger('factlin')``.
+
+        Returns
+        -------
+        FactorizedLinear
+            On the linear's device and dtype; ``decomposition_info`` holds the relative error
+            of the fit and the decomposition's diagnostics.
+
+        Raises
+        ------
+        TypeError, ValueError
+            Bad arguments, shapes that do not match the weight, a weight with NaN or inf, or a
+            decomposition whose estimated memory exceeds the limit.
+        """
+        weight = _linear_weight("linear", linear)
+        out_features, in_features = weight.shape
+        auto_tensorize = check_bool("auto_tensorize", auto_tensorize)
+        if auto_tensorize:
+            if in_tensorized_features is not None or out_tensorized_features is not None:
+                raise ShapeError(
+                    "auto_tensorize=True chooses the tensorized shapes itself: pass "
+                    "auto_tensorize=False to use in_tensorized_features="
+                    f"{in_tensorized_features} and out_tensorized_features="
+                    f"{out_tensorized_features}"
+                )
+            order = check_int("n_tensorized_modes", n_tensorized_modes, 1)
+            in_shape, out_shape = get_tensorized_shape(in_features, out_features, order=order)
+        else:
+            if in_tensorized_features is None or out_tensorized_features is None:
+                raise ShapeError(
+                    "auto_tensorize=False needs both in_tensorized_features and "
+                    "out_tensorized_features"
+                )
+            in_shape = _matching_shape(
+                "in_tensorized_features", in_tensorized_features, in_features
+            )
+            out_shape = _matching_shape(
+                "out_tensorized_features", out_tensorized_features, out_features
+            )
+        linear_bias = getattr(linear, "bias", None)
+        use_bias = check_bool("bias", bias) and linear_bias is not None
+        return cls._from_weights(
+            weight.reshape(*out_shape, *in_shape),
+            linear_bias if use_bias else None,
+            in_shape,
+            out_shape,
+            n_layers=1,
+            factorization=factorization,
+            rank=rank,
+            implementation=implementation,
+            checkpointing=checkpointing,
+            decomposition_kwargs=decomposition_kwargs,
+            verbose=verbose,
+        )
+
+    @classmethod
+    def from_linear_list(
+        cls,
+        linear_list: list[nn.Linear],
+        in_tensorized_features: Shape,
+        out_tensorized_features: Shape,
+        rank: RankSpec,
+        bias: bool = True,
+        factorization: str = "CP",
+        implementation: str = "reconstructed",
+        checkpointing: bool = False,
+        decomposition_kwargs: Optional[dict] = None,
+    ) -> FactorizedLinear:
+        """Compress several same-shaped linears jointly into one layer with ``n_layers`` modes.
+
+        Their weights are stacked along a leading mode and decomposed together; ``layer[k]``
+        approximates ``linear_list[k]``. Biases are stacked when ``bias`` and at least one
+        linear has one (a missing bias counts as zeros, so outputs are unchanged).
+
+        Raises
+        ------
+        TypeError, ValueError
+            An empty list, layers of different shapes, dtypes or devices, shapes that do not
+            match, or the errors of :meth:`from_linear`.
+        """
+        if not isinstance(linear_list, (list, tuple, nn.ModuleList)) or len(linear_list) == 0:
+            raise TypeError(
+                f"linear_list={describe(linear_list)}: expected a non-empty list of nn.Linear"
+            )
+        weights = [_linear_weight(f"linear_list[{k}]", lin) for k, lin in enumerate(linear_list)]
+        first = weights[0]
+        for k, weight in enumerate(weights[1:], start=1):
+            if weight.shape != first.shape or weight.dtype != first.dtype:
+                raise ShapeError(
+                    f"linear_list[{k}] has weight {tuple(weight.shape)} {weight.dtype} but "
+                    f"linear_list[0] has {tuple(first.shape)} {first.dtype}: all layers must "
+                    "have the same shape and dtype"
+                )
+            if weight.device != first.device:
+                raise ShapeError(
+                    f"linear_list[{k}] is on {weight.device} but linear_list[0] is on "
+                    f"{first.device}"
+                )
+        out_features, in_features = first.shape
+        in_shape = _matching_shape("in_tensorized_features", in_tensorized_features, in_features)
+        out_shape = _matching_shape(
+            "out_tensorized_features", out_tensorized_features, out_features
+        )
+        biases = [getattr(lin, "bias", None) for lin in linear_list]
+        stacked_bias = None
+        if check_bool("bias", bias) and any(b is not None for b in biases):
+            stacked_bias = torch.stack(
+                [b.detach() if b is not None else first.new_zeros(out_features) for b in biases]
+            )
+        tensor = torch.stack(weights).reshape(len(weights), *out_shape, *in_shape)
+        return cls._from_weights(
+            tensor,
+            stacked_bias,
+            in_shape,
+            out_shape,
+            n_layers=len(weights),
+            factorization=factorization,
+            rank=rank,
+            implementation=implementation,
+            checkpointing=checkpointing,
+            decomposition_kwargs=decomposition_kwargs,
+            verbose=False,
+        )
+
+    @classmethod
+    def _from_weights(
+        cls,
+        tensor: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        in_shape: Shape,
+        out_shape: Shape,
+        *,
+        n_layers: int,
+        factorization: str,
+        rank: RankSpec,
+        implementation: str,
+        checkpointing: bool,
+        decomposition_kwargs: Optional[dict],
+        verbose: bool,
+    ) -> FactorizedLinear:
+        """Build a layer shaped like ``tensor`` and initialize it by decomposing ``tensor``."""
+        if decomposition_kwargs is None:
+            decomposition_kwargs = {}
+        if not isinstance(decomposition_kwargs, dict):
+            raise TypeError(
+                f"decomposition_kwargs={describe(decomposition_kwargs)}: expected a dict or None"
+            )
+        check_bool("verbose", verbose)
+        if not torch.isfinite(tensor).all():
+            raise InputError(
+                "the weight to decompose contains NaN or inf values; a factorization of it "
+                "would be meaningless: clean the layer first"
+            )
+        token = _SKIP_RANDOM_INIT.set(True)  # the decomposition sets every parameter
+        try:
+            layer = cls(
+                in_shape,
+                out_shape,
+                bias=bias is not None,
+                factorization=factorization,
+                rank=rank,
+                implementation=implementation,
+                n_layers=n_layers,
+                checkpointing=checkpointing,
+                device=tensor.device,
+                dtype=tensor.dtype,
+            )
+        finally:
+            _SKIP_RANDOM_INIT.reset(token)
+        kwargs = dict(decomposition_kwargs)
+        if verbose:
+            kwargs.setdefault("verbose", True)
+        info = layer.weight.init_from_tensor(tensor.detach(), **kwargs)
+        if bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(bias.reshape(layer.bias.shape))
+        layer.decomposition_info = info
+        return layer
 
     # ---- configuration ---------------------------------------------------------------------
     @property
@@ -164,12 +407,50 @@ class FactorizedLinear(nn.Module):
         bias = self.bias
         if bias is not None and self.n_layers > 1:
             bias = bias[layer]
-        if self._implementation == "reconstructed":
-            return F.linear(x, self.weight.to_matrix(layer), bias)
+        if self._resolve_implementation(x) == "reconstructed":
+            return F.linear(x, self._matrix(layer), bias)
         # (*, in) -> (batch, in) -> (batch, out) -> (*, out)
         y = self.weight.contract(x.reshape(-1, self.in_features), layer)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if bias is None else y + bias
+
+    def _use_cache(self) -> bool:
+        return (
+            self.inference_cache
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+        )
+
+    def _matrix(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s rebuilt matrix, from the inference cache when allowed."""
+        if self._use_cache():
+            return self._weight_cache.get(
+                layer, self.weight.parameters(), lambda: self.weight.to_matrix(layer)
+            )
+        return self.weight.to_matrix(layer)
+
+    def _resolve_implementation(self, x: torch.Tensor) -> str:
+        if self._implementation != "auto":
+            return self._implementation
+        batch = x.numel() // self.in_features if not torch.compiler.is_compiling() else 0
+        grad = torch.is_grad_enabled()
+        cached = self._use_cache()
+        key = (batch_bucket(batch), grad, cached)
+        choice = self._auto_choices.get(key)
+        if choice is None:
+            choice = choose_implementation(self.weight, batch, grad=grad, cached=cached)
+            self._auto_choices[key] = choice
+        return choice
+
+    def clear_cache(self) -> None:
+        """Drop the cached rebuilt matrices (they are rebuilt on demand)."""
+        self._weight_cache.clear()
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["_weight_cache"] = WeightCache()
+        return state
 
     # ---- layers of a joint factorization ------------------------------------------------------
     def get_linear(self, indices: int = 0) -> SubFactorizedLinear:
@@ -246,3 +527,25 @@ class SubFactorizedLinear(nn.Module):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(index={self.index}, main={self.main!r})"
+
+
+def _linear_weight(name: str, linear: object) -> torch.Tensor:
+    """The detached 2-D weight of an ``nn.Linear``-like module."""
+    weight = getattr(linear, "weight", None)
+    if not isinstance(linear, nn.Module) or not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name}={describe(linear)}: expected a torch.nn.Linear")
+    if weight.ndim != 2:
+        raise ShapeError(f"{name} has a weight of shape {tuple(weight.shape)}; expected 2-D")
+    if not weight.is_floating_point():
+        raise TypeError(f"{name} has a weight of dtype {weight.dtype}; expected floating point")
+    return weight.detach()
+
+
+def _matching_shape(name: str, value: object, features: int) -> Shape:
+    shape = check_tensorized_features(name, value)
+    if math.prod(shape) != features:
+        raise ShapeError(
+            f"{name}={shape} has product {math.prod(shape)}, but the weight has {features} "
+            "features on that side: the product must match"
+        )
+    return shape

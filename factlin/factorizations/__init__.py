@@ -6,6 +6,9 @@ Adding a format means one module defining a :class:`FactorizedWeight` subclass a
 
 from __future__ import annotations
 
+from typing import Any
+
+from .._typing import RankSpec, Shape
 from ..errors import FactlinError, describe
 from ._base import FactorizedWeight
 from .cp import CPWeight
@@ -21,6 +24,7 @@ __all__ = [
     "TTWeight",
     "get_factorization",
     "normalize_factorization",
+    "resolve_rank",
 ]
 
 #: Canonical (lower-case) names to weight classes.
@@ -62,3 +66,18 @@ def normalize_factorization(name: object) -> str:
 def get_factorization(name: object) -> type[FactorizedWeight]:
     """The weight class registered under ``name`` (case-insensitive, aliases accepted)."""
     return FACTORIZATIONS[normalize_factorization(name)]
+
+
+def resolve_rank(
+    factorization: str, rank: RankSpec, in_shape: Shape, out_shape: Shape, n_layers: int = 1
+) -> tuple[Any, int]:
+    """Resolved ranks and parameter count of a weight, without allocating it.
+
+    Examples
+    --------
+    >>> resolve_rank("tucker", 0.1, (8, 8, 12), (8, 8, 12))
+    ((6, 6, 8, 5, 5, 8), 57968)
+    """
+    weight_class = get_factorization(factorization)
+    weight = weight_class(tuple(in_shape), tuple(out_shape), rank, n_layers, device="meta")
+    return weight.rank, weight.num_parameters()

@@ -154,6 +154,20 @@ class FactorizedWeight(nn.Module, ABC):
     def _contraction_out_shape(self) -> Shape:
         return self.out_shape
 
+    def contract_flops(self, batch: int) -> int:
+        """FLOPs of :meth:`contract` for ``batch`` rows, from the cached plan for its bucket."""
+        return self._plan("contract", self.n_layers > 1, batch_bucket(batch)).flops * max(
+            1, batch
+        ) // batch_bucket(batch)
+
+    def matrix_flops(self) -> int:
+        """FLOPs of rebuilding one layer's matrix (:meth:`to_matrix` with a layer index)."""
+        return self._plan("tensor", self.n_layers > 1, 0).flops
+
+    def contract_steps(self) -> int:
+        """Number of pairwise contractions (kernel launches) in the factorized forward."""
+        return len(self._plan("contract", self.n_layers > 1, batch_bucket(1)).steps)
+
     def contract(self, x: torch.Tensor, layer: Optional[int] = None) -> torch.Tensor:
         """Apply the weight to ``x`` of shape ``(batch, in_features)`` without rebuilding it.
 
