@@ -115,8 +115,7 @@ def check_ranks(name: str, value: object, length: int) -> tuple[int, ...]:
         raise TypeError(f"{name}={describe(value)}: expected a tuple of {length} positive ints")
     if len(value) != length:
         raise RankError(
-            f"{name}={tuple(value)!r} has {len(value)} entries: expected {length} "
-            "(one per mode)"
+            f"{name}={tuple(value)!r} has {len(value)} entries: expected {length} (one per mode)"
         )
     out = []
     for entry in value:
@@ -237,11 +236,10 @@ def sq_norm(tensor: torch.Tensor) -> float:
 
 
 def relative_error(tensor: torch.Tensor, approx: torch.Tensor, tensor_sq_norm: float) -> float:
-    """``||tensor - approx|| / ||tensor||`` (0.0 when ``tensor`` is zero). Overwrites ``approx``."""
+    """``||tensor - approx|| / ||tensor||`` (0.0 when ``tensor`` is zero)."""
     if tensor_sq_norm == 0.0:
         return 0.0
-    residual = approx.sub_(tensor)
-    return math.sqrt(sq_norm(residual) / tensor_sq_norm)
+    return math.sqrt(sq_norm(approx - tensor) / tensor_sq_norm)
 
 
 # --------------------------------------------------------------------------------------------

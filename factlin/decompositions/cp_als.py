@@ -51,12 +51,14 @@ from .memory import check_memory
 __all__ = ["CPDecomposition", "cp_als", "cp_to_tensor", "estimate_cp_als_memory"]
 
 _LOGGER = logging.getLogger("factlin")
-_LETTERS = "abcdefghijklmnopqrstuvwxy"  # 'z' is the rank index
 
 #: Below ``_EXACT_ERROR_FACTOR * sqrt(eps)`` the cheap error estimate is replaced by the exact
 #: error (one rebuild of the tensor), because cancellation in ``||X||^2 - 2<X, X_hat> +
 #: ||X_hat||^2`` leaves little more than rounding noise there.
 _EXACT_ERROR_FACTOR = 30.0
+
+#: Sweeps stop once the exact error is at rounding level, ``_EXACT_FIT_FACTOR * eps``.
+_EXACT_FIT_FACTOR = 10.0
 
 Callback = Optional[Callable[[int, float], object]]
 
@@ -150,12 +152,9 @@ def _normalized(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return matrix / torch.where(norms > 0, norms, torch.ones_like(norms)), norms
 
 
-def _init_random(
-    x: torch.Tensor, rank: int, generator: torch.Generator
-) -> list[torch.Tensor]:
+def _init_random(x: torch.Tensor, rank: int, generator: torch.Generator) -> list[torch.Tensor]:
     return [
-        _normalized(randn((n, rank), generator, dtype=x.dtype, device=x.device))[0]
-        for n in x.shape
+        _normalized(randn((n, rank), generator, dtype=x.dtype, device=x.device))[0] for n in x.shape
     ]
 
 
@@ -182,18 +181,20 @@ def _hadamard_except(grams: Sequence[torch.Tensor], skip: int) -> torch.Tensor:
     return out
 
 
-def _group_mttkrp(
-    partial: torch.Tensor, group: Sequence[torch.Tensor], local: int
-) -> torch.Tensor:
-    """MTTKRP of mode ``local`` of a group from its partial tensor ``(n_0, .., n_g, R)``."""
-    if len(group) == 1:
-        return partial
-    letters = _LETTERS[: len(group)]
-    operands = [f"{c}z" for j, c in enumerate(letters) if j != local]
-    equation = f"{letters}z,{','.join(operands)}->{letters[local]}z"
-    others = [f for j, f in enumerate(group) if j != local]
-    # (n_0, ..., n_g, R) x (n_j, R) for j != local -> (n_local, R)
-    return torch.einsum(equation, partial, *others)
+def _group_mttkrp(partial: torch.Tensor, group: Sequence[torch.Tensor], local: int) -> torch.Tensor:
+    """MTTKRP of mode ``local`` of a group from its partial tensor ``(n_0, .., n_g, R)``.
+
+    Contracts every other mode of the group with its factor column by column (broadcast
+    multiply and sum: memory-bound, and much faster than ``einsum``'s batched GEMVs here).
+    """
+    out = partial
+    rank = partial.shape[-1]
+    for mode in sorted((j for j in range(len(group)) if j != local), reverse=True):
+        view = [1] * out.ndim
+        view[mode], view[-1] = group[mode].shape[0], rank
+        # (.., n_mode, .., R) * (1, .., n_mode, .., R) summed over n_mode
+        out = (out * group[mode].reshape(view)).sum(mode)
+    return out  # (n_local, R)
 
 
 def cp_als(
@@ -220,7 +221,8 @@ def cp_als(
         Maximum number of ALS sweeps (0 returns the initialization, fitted weights excepted).
     tol : float, default 1e-8
         Stop when the relative change of the relative error between two sweeps,
-        ``|e_{t-1} - e_t| / e_{t-1}``, is at most ``tol`` (or the error is exactly 0).
+        ``|e_{t-1} - e_t| / e_{t-1}``, is at most ``tol``, or when the error reaches
+        rounding level (``10 eps`` of the working dtype: an exact fit).
     init : {'svd', 'random'}, default 'svd'
         ``'svd'``: leading left singular vectors of each unfolding, completed with random unit
         columns when ``R > n_k``; ``'random'``: Gaussian unit columns.
@@ -266,11 +268,11 @@ def cp_als(
     Examples
     --------
     >>> g = torch.Generator().manual_seed(0)
-    >>> a, b, c = (torch.randn(n, 3, generator=g, dtype=torch.float64) for n in (4, 5, 6))
-    >>> x = torch.einsum("ir,jr,kr->ijk", a, b, c)
+    >>> factors = [torch.randn(n, 3, generator=g, dtype=torch.float64) for n in (4, 5, 6, 7)]
+    >>> x = cp_to_tensor(torch.ones(3, dtype=torch.float64), factors)
     >>> cp = cp_als(x, 3)
-    >>> cp.rel_error < 1e-6
-    True
+    >>> cp.weights.shape, cp.rel_error < 1e-8
+    (torch.Size([3]), True)
     """
     check_tensor(tensor, min_ndim=2)
     rank = check_positive_int("rank", rank)
@@ -291,7 +293,9 @@ def cp_als(
     reject_meta(tensor)
     check_finite(tensor)
 
-    x = tensor.to(dtype)
+    norm = math.sqrt(sq_norm(tensor))
+    # work on X / ||X||: no underflow of squared entries for tiny tensors, no overflow for huge
+    x = tensor.to(dtype) / norm if norm > 0 else tensor.to(dtype)
     n_modes = len(shape)
     p = _split(shape)
     x_mat = x.reshape(math.prod(shape[:p]), math.prod(shape[p:]))  # (prod left, prod right)
@@ -305,6 +309,7 @@ def cp_als(
     weights = x.new_ones(rank)
     previous: float | None = None
     exact_below = _EXACT_ERROR_FACTOR * math.sqrt(torch.finfo(dtype).eps)
+    exact_fit = _EXACT_FIT_FACTOR * torch.finfo(dtype).eps
     n_iter = 0
     for n_iter in range(1, n_iter_max + 1):
         for first, stop in ((0, p), (p, n_modes)):
@@ -322,8 +327,8 @@ def cp_als(
                 grams[mode] = factors[mode].mT @ factors[mode]
         # ||X - X_hat||^2 = ||X||^2 - 2 <X, X_hat> + ||X_hat||^2, from the last mode's update:
         # <X, X_hat> = <MTTKRP, A>, ||X_hat||^2 = sum((A^T A) * V) with A = solution.
-        inner = float((mttkrp.double() * solution.double()).sum())
-        model_sq = float(((solution.mT @ solution).double() * gram_others.double()).sum())
+        inner = float((mttkrp * solution).sum(dtype=torch.float64))
+        model_sq = float(((solution.mT @ solution) * gram_others).sum(dtype=torch.float64))
         rel_error = math.sqrt(max(norm_sq - 2.0 * inner + model_sq, 0.0) / norm_sq)
         if rel_error < exact_below:  # the estimate is mostly rounding noise down there
             rel_error = relative_error(x, cp_to_tensor(weights, factors), norm_sq)
@@ -331,7 +336,7 @@ def cp_als(
             callback(n_iter, rel_error)
         if verbose:
             _LOGGER.info("cp_als: sweep %d, relative error %.6e", n_iter, rel_error)
-        if rel_error == 0.0 or (
+        if rel_error <= exact_fit or (
             previous is not None and abs(previous - rel_error) <= tol * previous
         ):
             break
@@ -340,7 +345,7 @@ def cp_als(
     final_error = relative_error(x, approx, norm_sq)
     if verbose:
         _LOGGER.info("cp_als: stopped after %d sweep(s), rel_error %.6e", n_iter, final_error)
-    return _finish(tensor, weights, factors, n_iter, final_error)
+    return _finish(tensor, weights * norm, factors, n_iter, final_error)
 
 
 def _finish(

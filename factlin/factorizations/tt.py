@@ -133,7 +133,14 @@ class TTWeight(FactorizedWeight):
         outs, ins = self._core_modes
         full = tensor.reshape(*outs, *ins)
         result = tt_matrix_svd(full, outs, ins, self.rank, **decomposition_kwargs)
+        ranks = tuple(int(r) for r in result.ranks)
+        if ranks != self.rank:
+            # an error tolerance (rel_tol) chose smaller bonds than the allocated ones
+            reference = self.cores[0]
+            self.rank = ranks
+            self._plans.clear()
+            self._allocate(device=reference.device, dtype=reference.dtype)
         with torch.no_grad():
             for core, value in zip(self.cores, result.cores):
                 core.copy_(value.reshape(core.shape))
-        return {"rel_error": float(result.rel_error)}
+        return {"rel_error": float(result.rel_error), "ranks": ranks}

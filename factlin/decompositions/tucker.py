@@ -1,0 +1,331 @@
+"""Tucker decomposition: truncated HOSVD, then HOOI (higher-order orthogonal iteration).
+
+References
+----------
+.. [1] L. De Lathauwer, B. De Moor and J. Vandewalle, "A Multilinear Singular Value
+   Decomposition", SIAM J. Matrix Anal. Appl. 21(4), 2000 (HOSVD).
+.. [2] L. De Lathauwer, B. De Moor and J. Vandewalle, "On the Best Rank-1 and Rank-(R1, R2, ...,
+   RN) Approximation of Higher-Order Tensors", SIAM J. Matrix Anal. Appl. 21(4), 2000 (HOOI).
+.. [3] T. G. Kolda and B. W. Bader, "Tensor Decompositions and Applications", SIAM Review 51(3),
+   2009, §4.2.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+from ..errors import RankError
+from ._linalg import (
+    RandomState,
+    check_callback,
+    check_choice,
+    check_finite,
+    check_nonnegative_int,
+    check_ranks,
+    check_tensor,
+    check_tol,
+    left_singular_vectors,
+    make_generator,
+    mode_product,
+    randn,
+    reject_meta,
+    relative_error,
+    sq_norm,
+    unfold,
+    working_dtype,
+)
+from .memory import check_memory
+
+__all__ = [
+    "TuckerDecomposition",
+    "estimate_tucker_memory",
+    "hosvd",
+    "tucker",
+    "tucker_to_tensor",
+]
+
+_LOGGER = logging.getLogger("factlin")
+_INITS = ("svd", "random")
+
+#: See :mod:`factlin.decompositions.cp_als`: below this multiple of ``sqrt(eps)`` the error
+#: from ``||X||^2 - ||core||^2`` is replaced by the exact one.
+_EXACT_ERROR_FACTOR = 30.0
+_EXACT_FIT_FACTOR = 10.0
+
+Callback = Optional[Callable[[int, float], object]]
+
+
+class TuckerDecomposition(NamedTuple):
+    """Result of :func:`tucker` and :func:`hosvd`.
+
+    Attributes
+    ----------
+    core : Tensor
+        Shape ``ranks``.
+    factors : list of Tensor
+        ``factors[k]`` of shape ``(n_k, r_k)`` with orthonormal columns.
+    n_iter : int
+        HOOI sweeps performed (0 for a pure HOSVD).
+    rel_error : float
+        ``||X - X_hat||_F / ||X||_F`` (0.0 when ``X`` is zero).
+    """
+
+    core: torch.Tensor
+    factors: list[torch.Tensor]
+    n_iter: int
+    rel_error: float
+
+    def to_tensor(self) -> torch.Tensor:
+        """The full tensor ``core ×_1 U_1 ×_2 ... ×_N U_N``."""
+        return tucker_to_tensor(self.core, self.factors)
+
+
+def tucker_to_tensor(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Rebuild ``core ×_1 U_1 ... ×_N U_N``; modes that grow least are expanded first.
+
+    Parameters
+    ----------
+    core : Tensor
+        Shape ``(r_0, ..., r_{N-1})``.
+    factors : sequence of Tensor
+        ``factors[k]`` of shape ``(n_k, r_k)``.
+
+    Returns
+    -------
+    Tensor
+        Shape ``(n_0, ..., n_{N-1})``.
+    """
+    order = sorted(range(len(factors)), key=lambda k: factors[k].shape[0] / factors[k].shape[1])
+    out = core
+    for mode in order:
+        out = mode_product(out, factors[mode], mode)  # mode size r_k -> n_k
+    return out
+
+
+def _project(
+    x: torch.Tensor, factors: Sequence[torch.Tensor], skip: int | None = None
+) -> torch.Tensor:
+    """``x ×_j U_j^T`` for every mode ``j != skip``; modes that shrink most go first."""
+    modes = [k for k in range(len(factors)) if k != skip]
+    modes.sort(key=lambda k: factors[k].shape[1] / factors[k].shape[0])
+    out = x
+    for mode in modes:
+        out = mode_product(out, factors[mode].mT, mode)  # mode size n_k -> r_k
+    return out
+
+
+def estimate_tucker_memory(shape: Sequence[int], ranks: Sequence[int], itemsize: int) -> int:
+    """Peak working memory of :func:`tucker`, in bytes, from the shape and ranks alone.
+
+    Counts the working copy of the tensor, an unfolding copy, two partial projections, the
+    final reconstruction (each at most the tensor's size), the core and factors, and the float64
+    Gram matrix of the largest unfolding.
+    """
+    shape = tuple(int(n) for n in shape)
+    ranks = tuple(int(r) for r in ranks)
+    numel = math.prod(shape)
+    elements = 5 * numel + math.prod(ranks) + sum(n * r for n, r in zip(shape, ranks))
+    gram = max(min(n, numel // n) ** 2 for n in shape)
+    return elements * int(itemsize) + 8 * gram
+
+
+def _check_tucker_ranks(ranks: object, shape: tuple[int, ...]) -> tuple[int, ...]:
+    ranks = check_ranks("ranks", ranks, len(shape))
+    for mode, (r, n) in enumerate(zip(ranks, shape)):
+        if r > n:
+            raise RankError(
+                f"ranks={ranks}: ranks[{mode}]={r} exceeds the mode size {n} of a tensor of "
+                f"shape {shape}; expected ranks[k] <= shape[k]"
+            )
+    return ranks
+
+
+def hosvd(
+    tensor: torch.Tensor,
+    ranks: Sequence[int],
+    *,
+    memory_limit_bytes: int | None = None,
+) -> TuckerDecomposition:
+    """Truncated higher-order SVD: the leading left singular vectors of every unfolding.
+
+    Same as ``tucker(tensor, ranks, n_iter_max=0)``.
+
+    Parameters
+    ----------
+    tensor : Tensor
+        Any number of modes; float16/bfloat16 are computed in float32 and cast back.
+    ranks : tuple of int
+        One rank per mode, ``1 <= ranks[k] <= tensor.shape[k]``.
+    memory_limit_bytes : int, optional
+        See :func:`tucker`.
+
+    Returns
+    -------
+    TuckerDecomposition
+
+    References
+    ----------
+    .. [1] L. De Lathauwer, B. De Moor and J. Vandewalle, "A Multilinear Singular Value
+       Decomposition", SIAM J. Matrix Anal. Appl. 21(4), 2000.
+    """
+    return tucker(tensor, ranks, n_iter_max=0, memory_limit_bytes=memory_limit_bytes)
+
+
+def tucker(
+    tensor: torch.Tensor,
+    ranks: Sequence[int],
+    *,
+    n_iter_max: int = 10,
+    tol: float = 1e-8,
+    init: str = "svd",
+    random_state: RandomState = None,
+    memory_limit_bytes: int | None = None,
+    callback: Callback = None,
+    verbose: bool = False,
+) -> TuckerDecomposition:
+    """Tucker decomposition by HOSVD followed by HOOI sweeps.
+
+    Parameters
+    ----------
+    tensor : Tensor
+        Any number of modes; float16/bfloat16 are computed in float32 and cast back.
+    ranks : tuple of int
+        One rank per mode, ``1 <= ranks[k] <= tensor.shape[k]``.
+    n_iter_max : int, default 10
+        Maximum number of HOOI sweeps; 0 returns the (truncated) HOSVD.
+    tol : float, default 1e-8
+        Stop when the relative change of the relative error between two sweeps is at most
+        ``tol``, or when the fit is exact to rounding.
+    init : {'svd', 'random'}, default 'svd'
+        ``'svd'``: HOSVD factors; ``'random'``: orthonormalized Gaussian factors.
+    random_state : int, torch.Generator or None
+        Randomness for ``init='random'`` and randomized SVDs of large unfoldings (None: seed 0).
+    memory_limit_bytes : int, optional
+        Refuse to start if the estimated working memory exceeds this (default: see
+        :mod:`factlin.decompositions.memory`).
+    callback : callable, optional
+        ``callback(iteration, rel_error)`` after every HOOI sweep.
+    verbose : bool, default False
+        Log progress on the ``"factlin"`` logger (INFO).
+
+    Returns
+    -------
+    TuckerDecomposition
+        ``(core, factors, n_iter, rel_error)`` in the dtype and on the device of ``tensor``;
+        ``rel_error`` is computed exactly from the rebuilt tensor.
+
+    Raises
+    ------
+    TypeError
+        If ``tensor`` is not a floating-point tensor or an argument has the wrong type.
+    ValueError
+        On bad ranks or options, NaN/inf input, or when the memory estimate exceeds the limit
+        (:class:`~.memory.MemoryLimitError`).
+
+    Notes
+    -----
+    Unfoldings are reduced through the float64 Gram matrix of their smaller side; for an
+    unfolding whose both sides exceed 1024 and a rank below an eighth of them a randomized SVD
+    (Halko et al. 2011) is used.
+
+    References
+    ----------
+    .. [1] L. De Lathauwer, B. De Moor and J. Vandewalle, "A Multilinear Singular Value
+       Decomposition", SIAM J. Matrix Anal. Appl. 21(4), 2000.
+    .. [2] L. De Lathauwer, B. De Moor and J. Vandewalle, "On the Best Rank-1 and Rank-(R1,
+       R2, ..., RN) Approximation of Higher-Order Tensors", SIAM J. Matrix Anal. Appl. 21(4),
+       2000.
+    .. [3] N. Halko, P.-G. Martinsson and J. A. Tropp, "Finding Structure with Randomness",
+       SIAM Review 53(2), 2011.
+
+    Examples
+    --------
+    >>> x = torch.randn(4, 5, 6, dtype=torch.float64)
+    >>> t = tucker(x, (4, 5, 6))
+    >>> t.core.shape, t.rel_error < 1e-12
+    (torch.Size([4, 5, 6]), True)
+    """
+    check_tensor(tensor, min_ndim=1)
+    shape = tuple(int(n) for n in tensor.shape)
+    ranks = _check_tucker_ranks(ranks, shape)
+    n_iter_max = check_nonnegative_int("n_iter_max", n_iter_max)
+    tol = check_tol("tol", tol)
+    init = check_choice("init", init, _INITS)
+    generator = make_generator(random_state)
+    check_callback(callback)
+    dtype = working_dtype(tensor.dtype)
+    check_memory(
+        estimate_tucker_memory(shape, ranks, dtype.itemsize),
+        what=f"tucker(shape={shape}, ranks={ranks}, dtype={dtype})",
+        advice="Lower the ranks.",
+        limit_bytes=memory_limit_bytes,
+        device=tensor.device,
+    )
+    reject_meta(tensor)
+    check_finite(tensor)
+
+    x = tensor.to(dtype)
+    norm_sq = sq_norm(x)
+    if init == "svd":
+        factors = [
+            left_singular_vectors(unfold(x, k), r, generator=generator)[0]
+            for k, r in enumerate(ranks)
+        ]
+    else:
+        factors = [
+            torch.linalg.qr(randn((n, r), generator, dtype=dtype, device=x.device))[0]
+            for n, r in zip(shape, ranks)
+        ]
+    if norm_sq == 0.0:
+        return _finish(tensor, x.new_zeros(ranks), factors, 0, 0.0)
+
+    exact_below = _EXACT_ERROR_FACTOR * math.sqrt(torch.finfo(dtype).eps)
+    exact_fit = _EXACT_FIT_FACTOR * torch.finfo(dtype).eps
+    core: torch.Tensor | None = None
+    previous: float | None = None
+    n_iter = 0
+    last = len(shape) - 1
+    for n_iter in range(1, n_iter_max + 1):
+        for mode, r in enumerate(ranks):
+            partial = _project(x, factors, skip=mode)  # (r_0, .., n_mode, .., r_{N-1})
+            factors[mode] = left_singular_vectors(unfold(partial, mode), r, generator=generator)[0]
+        core = mode_product(partial, factors[last].mT, last)  # (r_0, ..., r_{N-1})
+        # orthonormal factors: ||X - X_hat||^2 = ||X||^2 - ||core||^2
+        rel_error = math.sqrt(max(norm_sq - sq_norm(core), 0.0) / norm_sq)
+        if rel_error < exact_below:
+            rel_error = relative_error(x, tucker_to_tensor(core, factors), norm_sq)
+        if callback is not None:
+            callback(n_iter, rel_error)
+        if verbose:
+            _LOGGER.info("tucker: sweep %d, relative error %.6e", n_iter, rel_error)
+        if rel_error <= exact_fit or (
+            previous is not None and abs(previous - rel_error) <= tol * previous
+        ):
+            break
+        previous = rel_error
+    if core is None:
+        core = _project(x, factors)
+    final_error = relative_error(x, tucker_to_tensor(core, factors), norm_sq)
+    if verbose:
+        _LOGGER.info("tucker: stopped after %d sweep(s), rel_error %.6e", n_iter, final_error)
+    return _finish(tensor, core, factors, n_iter, final_error)
+
+
+def _finish(
+    tensor: torch.Tensor,
+    core: torch.Tensor,
+    factors: list[torch.Tensor],
+    n_iter: int,
+    rel_error: float,
+) -> TuckerDecomposition:
+    return TuckerDecomposition(
+        core=core.to(tensor.dtype),
+        factors=[f.to(tensor.dtype) for f in factors],
+        n_iter=int(n_iter),
+        rel_error=float(rel_error),
+    )
