@@ -1,0 +1,143 @@
+"""Tests for 'auto' (factlin.cost_model) and the inference cache (factlin.weight_cache)."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from factlin import FactorizedLinear
+from factlin.cost_model import choose_implementation, estimated_seconds
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker", "tt"])
+@pytest.mark.parametrize("batch", [1, 7, 300])
+def test_auto_matches_both_implementations(factorization, batch):
+    layer = FactorizedLinear(
+        (4, 6), (6, 4), factorization=factorization, rank=0.3, dtype=torch.float64
+    )
+    x = torch.randn(batch, 24, dtype=torch.float64, requires_grad=True)
+    outputs = {}
+    for implementation in ("factorized", "reconstructed", "auto"):
+        layer.implementation = implementation
+        y = layer(x)
+        (grad,) = torch.autograd.grad(y.sum(), x)
+        outputs[implementation] = (y.detach(), grad)
+        with torch.no_grad():
+            outputs[implementation + "-nograd"] = (layer(x), grad)
+    for name, (y, grad) in outputs.items():
+        torch.testing.assert_close(y, outputs["factorized"][0], msg=name)
+        torch.testing.assert_close(grad, outputs["factorized"][1], msg=name)
+
+
+def test_auto_choice_cached_per_bucket_and_mode():
+    layer = FactorizedLinear((8, 8), (8, 8), factorization="tt", rank=0.1, implementation="auto")
+    layer(torch.randn(3, 64))
+    with torch.no_grad():
+        layer(torch.randn(3, 64))
+    layer(torch.randn(4, 64))  # same bucket as 3
+    assert set(layer._auto_choices) == {(4, True, False), (4, False, True)}
+
+
+def test_cost_model_prefers_reconstructed_for_huge_batches_and_factorized_for_tiny_ranks():
+    layer = FactorizedLinear((16, 16, 16), (16, 16, 16), factorization="tt", rank=2)
+    # rank 2: the factorized contraction is far cheaper than a dense product at any batch
+    assert choose_implementation(layer.weight, 4096, grad=True, cached=False) == "factorized"
+    big = FactorizedLinear((8, 8), (8, 8), factorization="tucker", rank="same")
+    # with a cached matrix and no grad, the dense product is the floor
+    assert choose_implementation(big.weight, 1024, grad=False, cached=True) == "reconstructed"
+    assert estimated_seconds(big.weight, "reconstructed", 64, grad=False, cached=True) < (
+        estimated_seconds(big.weight, "reconstructed", 64, grad=False, cached=False)
+    )
+
+
+def _counting(layer):
+    calls = []
+    original = layer.weight.to_matrix
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    layer.weight.to_matrix = counted
+    return calls
+
+
+def test_inference_cache_reuses_and_is_never_stale():
+    layer = FactorizedLinear((4, 4), (4, 4), factorization="cp", rank=3)
+    layer.implementation = "reconstructed"
+    calls = _counting(layer)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        first = layer(x)
+        layer(x)
+        assert len(calls) == 1  # reused
+        layer.weight.factors[0].mul_(2.0)  # in-place update
+        second = layer(x)
+        assert len(calls) == 2
+    torch.testing.assert_close(second - layer.bias, 2 * (first - layer.bias))
+
+
+def test_inference_cache_never_used_with_grad():
+    layer = FactorizedLinear(
+        (4, 4), (4, 4), factorization="tucker", rank=2, implementation="reconstructed"
+    )
+    calls = _counting(layer)
+    x = torch.randn(5, 16)
+    layer(x)
+    layer(x)
+    assert len(calls) == 2
+    with torch.no_grad():
+        layer(x)
+    y = layer(x)
+    assert y.requires_grad and len(calls) == 4
+
+
+def test_inference_cache_invalidated_by_optimizer_step():
+    layer = FactorizedLinear(
+        (4, 4), (4, 4), factorization="tt", rank=2, implementation="reconstructed"
+    )
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        before = layer(x)
+    layer(x).square().sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = layer(x)
+        expected = torch.nn.functional.linear(x, layer.weight.to_matrix(), layer.bias)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, rtol=0, atol=0)
+
+
+def test_inference_cache_invalidated_by_load_state_dict_and_to():
+    layer = FactorizedLinear(
+        (4, 4), (4, 4), factorization="cp", rank=2, implementation="reconstructed"
+    )
+    other = FactorizedLinear((4, 4), (4, 4), factorization="cp", rank=2)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        layer(x)
+        layer.load_state_dict(other.state_dict())
+        torch.testing.assert_close(layer(x), other(x))
+        layer.to(torch.float64)
+        torch.testing.assert_close(layer(x.double()), other.double()(x.double()))
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    clone = copy.deepcopy(layer)
+    assert len(clone._weight_cache) == 0
+
+
+def test_inference_cache_can_be_disabled_and_cleared():
+    layer = FactorizedLinear((4, 4), (4, 4), implementation="reconstructed")
+    with torch.no_grad():
+        layer(torch.randn(2, 16))
+    assert len(layer._weight_cache) == 1
+    layer.clear_cache()
+    assert len(layer._weight_cache) == 0
+    layer.inference_cache = False
+    with torch.no_grad():
+        layer(torch.randn(2, 16))
+    assert len(layer._weight_cache) == 0
