@@ -17,7 +17,7 @@ import opt_einsum
 import torch
 from opt_einsum.paths import DynamicProgramming
 
-__all__ = ["ContractionPlan", "plan_contraction", "input_first_path", "EINSUM_LETTERS"]
+__all__ = ["ContractionPlan", "plan_contraction", "run_steps", "input_first_path", "EINSUM_LETTERS"]
 
 #: Weight of the largest intermediate's size against FLOPs when comparing paths.
 _SIZE_PENALTY = 64
@@ -50,11 +50,21 @@ class ContractionPlan:
 
     def __call__(self, *operands: torch.Tensor) -> torch.Tensor:
         """Run the contraction on ``operands`` (same number and order as ``equation``)."""
-        working = list(operands)
-        for positions, equation in self.steps:
-            taken = [working.pop(position) for position in positions]
-            working.append(torch.einsum(equation, *taken))
-        return working[0]
+        return run_steps(self.steps, operands)
+
+
+def run_steps(
+    steps: Sequence[tuple[tuple[int, ...], str]], operands: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Execute a plan's ``steps`` (see :class:`ContractionPlan`) on ``operands``.
+
+    Plain constants in, so ``torch.compile`` traces it without a plan object in the graph.
+    """
+    working = list(operands)
+    for positions, equation in steps:
+        taken = [working.pop(position) for position in positions]
+        working.append(torch.einsum(equation, *taken))
+    return working[0]
 
 
 def input_first_path(equation: str, shapes: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:

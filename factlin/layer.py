@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ._state_dict_check import check_state_dict, record_config
 from ._typing import RankSpec, Shape
 from ._validation import (
     check_bool,
@@ -24,7 +25,7 @@ from ._validation import (
 from .cost_model import choose_implementation
 from .errors import InputError, ShapeError, describe
 from .factorizations import FactorizedWeight, get_factorization
-from .factorizations._base import batch_bucket
+from .factorizations._base import batch_bucket, constant_under_compile
 from .rank import validate_rank
 from .tensorized_shape import get_tensorized_shape
 from .weight_cache import WeightCache
@@ -374,7 +375,10 @@ class FactorizedLinear(nn.Module):
 
     def reset_parameters(self) -> None:
         """Re-initialize like ``nn.Linear``: the rebuilt weight has mean 0 and standard deviation
-        ``1 / sqrt(3 * in_features)``; the bias is uniform in ``±1 / sqrt(in_features)``."""
+        ``1 / sqrt(3 * in_features)``; the bias is uniform in ``±1 / sqrt(in_features)``.
+        A no-op on the meta device (deferred init: ``to_empty()`` then call this again)."""
+        if self.weight_reference.is_meta:
+            return
         self.weight.reset_parameters(1.0 / math.sqrt(3 * self.in_features))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features)
@@ -415,10 +419,12 @@ class FactorizedLinear(nn.Module):
         return y if bias is None else y + bias
 
     def _use_cache(self) -> bool:
+        # Never while tracing: a traced graph would hold the cached matrix as a constant.
         return (
             self.inference_cache
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
         )
 
     def _matrix(self, layer: int) -> torch.Tensor:
@@ -435,16 +441,33 @@ class FactorizedLinear(nn.Module):
         batch = x.numel() // self.in_features if not torch.compiler.is_compiling() else 0
         grad = torch.is_grad_enabled()
         cached = self._use_cache()
-        key = (batch_bucket(batch), grad, cached)
+        return self._auto_choice(batch_bucket(batch), grad, cached)
+
+    @constant_under_compile
+    def _auto_choice(self, bucket: int, grad: bool, cached: bool) -> str:
+        """The cost model's choice, cached per key; outside the graph under ``torch.compile``."""
+        key = (bucket, grad, cached)
         choice = self._auto_choices.get(key)
         if choice is None:
-            choice = choose_implementation(self.weight, batch, grad=grad, cached=cached)
+            choice = choose_implementation(self.weight, bucket, grad=grad, cached=cached)
             self._auto_choices[key] = choice
         return choice
 
     def clear_cache(self) -> None:
         """Drop the cached rebuilt matrices (they are rebuilt on demand)."""
         self._weight_cache.clear()
+
+    # ---- state_dict --------------------------------------------------------------------------
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        record_config(self, destination, prefix)
+
+    def _load_from_state_dict(
+        self, state_dict: Any, prefix: str, local_metadata: Any, *args: Any
+    ) -> None:
+        # A state_dict of another factorization, rank or shape fails here, naming both.
+        check_state_dict(self, state_dict, prefix, local_metadata)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__

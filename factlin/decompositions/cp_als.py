@@ -218,7 +218,7 @@ def cp_als(
     rank : int
         Number of rank-one components ``R`` (may exceed every mode size).
     n_iter_max : int, default 100
-        Maximum number of ALS sweeps (0 returns the initialization, fitted weights excepted).
+        Maximum number of ALS sweeps (0 returns the initialization, every weight ``||X||``).
     tol : float, default 1e-8
         Stop when the relative change of the relative error between two sweeps,
         ``|e_{t-1} - e_t| / e_{t-1}``, is at most ``tol``, or when the error reaches
@@ -233,7 +233,7 @@ def cp_als(
         :mod:`factlin.decompositions.memory`).
     callback : callable, optional
         Called as ``callback(iteration, rel_error)`` after every sweep; the error there is the
-        cheap estimate from norms and Grams.
+        cheap estimate from norms and Grams (exact once it is below ``30 sqrt(eps)``).
     verbose : bool, default False
         Log progress on the ``"factlin"`` logger (INFO).
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
 
 from .._typing import RankSpec, Shape
-from ..contraction import EINSUM_LETTERS, ContractionPlan, plan_contraction
+from ..contraction import EINSUM_LETTERS, ContractionPlan, plan_contraction, run_steps
 from ..errors import ShapeError
 
 __all__ = ["FactorizedWeight", "Signature"]
@@ -29,6 +29,14 @@ Signature = tuple[list[str], str, str, str]
 _BATCH_LETTER = EINSUM_LETTERS[-1]
 _MAX_BATCH_BUCKET = 1 << 14
 _COMPILED_BATCH_BUCKET = 256
+
+
+def constant_under_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark ``fn`` as ``torch.compiler.assume_constant_result`` does, without importing
+    ``torch._dynamo`` (1.5 s) at import time: dynamo runs ``fn`` outside the traced graph and
+    bakes its result (Python constants only) into the graph."""
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
 
 
 def batch_bucket(batch: int) -> int:
@@ -134,6 +142,20 @@ class FactorizedWeight(nn.Module, ABC):
             self._plans[key] = plan
         return plan
 
+    @constant_under_compile
+    def _plan_steps(self, kind: str, layer_selected: bool, batch: int) -> tuple:
+        return self._plan(kind, layer_selected, batch).steps
+
+    def _run_plan(
+        self, kind: str, layer_selected: bool, batch: int, operands: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Execute the cached plan. Under ``torch.compile`` / ``torch.export`` the plan is found
+        (or built) outside the traced graph, as planning is Python work dynamo cannot trace, and
+        only its steps, plain constants, enter the graph."""
+        if torch.compiler.is_compiling():
+            return run_steps(self._plan_steps(kind, layer_selected, batch), operands)
+        return self._plan(kind, layer_selected, batch)(*operands)
+
     def _build_plan(self, kind: str, layer_selected: bool, batch: int) -> ContractionPlan:
         subscripts, layer_letters, out_letters, in_letters = self._signature(layer_selected)
         shapes = [tuple(t.shape) for t in self._operands(0 if layer_selected else None)]
@@ -175,10 +197,10 @@ class FactorizedWeight(nn.Module, ABC):
         """
         batch = x.shape[0]
         selected = self.n_layers > 1
-        plan = self._plan("contract", selected, batch_bucket(batch))
         operands = self._operands(layer if selected else None)
         # (batch, in_features) -> (batch, *in_modes) -> (batch, *out_modes) -> (batch, out_features)
-        y = plan(x.reshape(batch, *self._contraction_in_shape()), *operands)
+        x = x.reshape(batch, *self._contraction_in_shape())
+        y = self._run_plan("contract", selected, batch_bucket(batch), [x, *operands])
         return y.reshape(batch, self.out_features)
 
     def to_tensor(self, layer: Optional[int] = None) -> torch.Tensor:
@@ -188,8 +210,7 @@ class FactorizedWeight(nn.Module, ABC):
         layers, meant for inspection and for the ``'reconstructed'`` forward.
         """
         selected = layer is not None and self.n_layers > 1
-        plan = self._plan("tensor", selected, 0)
-        tensor = plan(*self._operands(layer if selected else None))
+        tensor = self._run_plan("tensor", selected, 0, self._operands(layer if selected else None))
         shape = self.out_shape + self.in_shape
         if self.n_layers > 1 and not selected:
             shape = (self.n_layers, *shape)

@@ -1,0 +1,220 @@
+"""Benchmark factlin's decompositions against tensorly's on tensorized linear weights.
+
+Prints a markdown table: for 768x768 and 768x3072 weights (768 -> (8, 8, 12), 3072 ->
+(8, 16, 24)), a Gaussian weight and one with a decaying spectrum (s_k = 1/k), and budgets of
+0.1 / 0.25 / 0.5 of the dense parameter count, the time and relative error of factlin's
+``cp_als``, ``tucker`` and ``tt_matrix_svd`` next to tensorly's ``parafac``, ``tucker`` and
+``tensor_train_matrix`` (when tensorly is installed) on the same tensor.
+
+CP sweeps cost ``O(N R^3)`` (the Gram solves): a CP run whose projected time exceeds the budget
+(``--budget``, from a one-sweep probe) runs fewer sweeps, the same number for both libraries
+(noted); tensorly's parafac, which forms ``prod(shape)/n_k x R`` Khatri-Rao products, is
+skipped (noted) when those exceed 2 GiB or its probe projects more than ``--tensorly-budget``.
+
+Usage: ``python benchmarks/decompositions.py [--quick] [--budget S] [--tensorly-budget S]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+import warnings
+from functools import partial
+
+import torch
+
+from factlin.decompositions import cp_als, tt_matrix_svd, tucker
+
+SHAPES = {768: (8, 8, 12), 3072: (8, 16, 24)}
+CP_ITERS, CP_TOL, TUCKER_ITERS = 100, 1e-8, 10
+GFLOPS = 40.0  # rough sustained float32 rate of a small CPU, to project CP sweep times
+
+try:
+    import tensorly as tl
+    from tensorly.decomposition import parafac, tensor_train_matrix
+    from tensorly.decomposition import tucker as tl_tucker
+
+    tl.set_backend("pytorch")
+    warnings.filterwarnings("ignore", module="tensorly")  # "n_eigenvecs > min(shape)" notes
+except ImportError:  # the comparison columns then read "n/a"
+    tl = None
+
+
+def weight(rows: int, cols: int, kind: str, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "gaussian":
+        return torch.randn(rows, cols, generator=g) / math.sqrt(cols)
+    k = min(rows, cols)
+    u = torch.linalg.qr(torch.randn(rows, k, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(cols, k, generator=g, dtype=torch.float64))[0]
+    s = 1.0 / torch.arange(1, k + 1, dtype=torch.float64)
+    return ((u * s) @ v.T).float()
+
+
+def cp_rank(shape: tuple[int, ...], budget: float) -> int:
+    return max(1, round(budget / (1 + sum(shape))))
+
+
+def tucker_params(shape: tuple[int, ...], ranks: tuple[int, ...]) -> int:
+    return math.prod(ranks) + sum(n * r for n, r in zip(shape, ranks))
+
+
+def tt_params(sizes: list[int], ranks: tuple[int, ...]) -> int:
+    return sum(ranks[k] * sizes[k] * ranks[k + 1] for k in range(len(sizes)))
+
+
+def tucker_ranks(shape: tuple[int, ...], budget: float) -> tuple[int, ...]:
+    def ranks(alpha: float) -> tuple[int, ...]:
+        return tuple(min(n, max(1, round(alpha * n))) for n in shape)
+
+    def params(r: tuple[int, ...]) -> int:
+        return tucker_params(shape, r)
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):  # bisection on the common fraction of every mode
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if params(ranks(mid)) < budget else (lo, mid)
+    return min((ranks(lo), ranks(hi)), key=lambda r: abs(params(r) - budget))
+
+
+def tt_ranks(sizes: list[int], budget: float) -> tuple[int, ...]:
+    total = math.prod(sizes)
+    full = (
+        [1]
+        + [min(math.prod(sizes[:k]), total // math.prod(sizes[:k])) for k in range(1, len(sizes))]
+        + [1]
+    )
+
+    def ranks(r: int) -> tuple[int, ...]:
+        return tuple(1 if k in (0, len(full) - 1) else min(r, f) for k, f in enumerate(full))
+
+    def params(rk: tuple[int, ...]) -> int:
+        return tt_params(sizes, rk)
+
+    r = 1
+    while params(ranks(r + 1)) <= budget and ranks(r + 1) != ranks(r):
+        r += 1
+    return min((ranks(r), ranks(r + 1)), key=lambda rk: abs(params(rk) - budget))
+
+
+def rel_error(approx: torch.Tensor, x: torch.Tensor) -> float:
+    approx, x = approx.double(), x.double()
+    return float(torch.linalg.vector_norm(approx - x) / torch.linalg.vector_norm(x))
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def run_cp(x, rank, budget_s, tl_budget_s):
+    """Both libraries get the same sweeps: 100, or fewer if factlin's would exceed the budget."""
+    n_modes, numel = x.ndim, x.numel()
+    model_s = (n_modes * rank**3 / 3 + 4 * numel * rank) / (GFLOPS * 1e9)
+    if model_s > budget_s:
+        return None, None, f"skipped: ~{model_s:.0f} s per sweep"
+    _, probe_s = timed(lambda: cp_als(x, rank, n_iter_max=1))
+    iters = min(CP_ITERS, max(1, int(budget_s / probe_s)))
+    notes = [] if iters == CP_ITERS else [f"{iters} sweeps (budget)"]
+    cp, t = timed(lambda: cp_als(x, rank, n_iter_max=iters, tol=CP_TOL))
+    ours = (t, cp.rel_error)
+    if tl is None:
+        return ours, None, "; ".join(notes)
+    kr_bytes = numel // min(x.shape) * rank * x.element_size()
+    if kr_bytes > 2 << 30:
+        return ours, None, "; ".join([*notes, "tensorly skipped: Khatri-Rao > 2 GiB"])
+    _, probe_s = timed(lambda: parafac(x, rank, n_iter_max=1, init="svd", tol=CP_TOL))
+    if probe_s * iters > tl_budget_s:
+        notes.append(f"tensorly skipped: ~{probe_s * iters:.0f} s projected")
+        return ours, None, "; ".join(notes)
+    res, t = timed(lambda: parafac(x, rank, n_iter_max=iters, init="svd", tol=CP_TOL))
+    return ours, (t, rel_error(tl.cp_to_tensor(res), x)), "; ".join(notes)
+
+
+def run_tucker(x, ranks):
+    res, t = timed(lambda: tucker(x, ranks, n_iter_max=TUCKER_ITERS))
+    ours = (t, res.rel_error)
+    if tl is None:
+        return ours, None, ""
+    theirs, t = timed(lambda: tl_tucker(x, rank=list(ranks), n_iter_max=TUCKER_ITERS, tol=1e-8))
+    return ours, (t, rel_error(tl.tucker_to_tensor(theirs), x)), ""
+
+
+def run_tt(x, out_shape, in_shape, ranks):
+    res, t = timed(lambda: tt_matrix_svd(x, out_shape, in_shape, ranks))
+    ours = (t, res.rel_error)
+    if tl is None:
+        return ours, None, ""
+    theirs, t = timed(lambda: tensor_train_matrix(x, list(ranks)))
+    return ours, (t, rel_error(theirs.to_tensor(), x)), ""
+
+
+def fmt(result, digits=4):
+    return ("n/a", "n/a") if result is None else (f"{result[0]:.3f}", f"{result[1]:.{digits}f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="768x768 at fraction 0.1 only")
+    parser.add_argument("--budget", type=float, default=15.0, help="seconds per factlin CP run")
+    parser.add_argument("--tensorly-budget", type=float, help="seconds per parafac (30 / 200)")
+    args = parser.parse_args()
+    budget_s = args.budget
+    tl_budget_s = args.tensorly_budget or (30.0 if args.quick else 200.0)
+    sizes = [(768, 768)] if args.quick else [(768, 768), (768, 3072)]
+    fractions = [0.1] if args.quick else [0.1, 0.25, 0.5]
+
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load}; "
+        f"tensorly {tl.__version__ if tl else 'not installed'}; float32; CP n_iter_max="
+        f"{CP_ITERS}, tol={CP_TOL}; Tucker n_iter_max={TUCKER_ITERS}\n"
+    )
+    print(
+        "| weight | spectrum | method | fraction | rank | params | factlin s | factlin rel err "
+        "| tensorly s | tensorly rel err | note |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for rows, cols in sizes:
+        out_shape, in_shape = SHAPES[rows], SHAPES[cols]
+        shape = (*out_shape, *in_shape)
+        dense = rows * cols
+        for kind in ("gaussian", "decaying"):
+            x = weight(rows, cols, kind).reshape(shape)
+            for fraction in fractions:
+                target = fraction * dense
+                tt_sizes = [o * i for o, i in zip(out_shape, in_shape)]
+                r = cp_rank(shape, target)
+                tr = tucker_ranks(shape, target)
+                br = tt_ranks(tt_sizes, target)
+                cases = [
+                    (
+                        "CP",
+                        str(r),
+                        r * (1 + sum(shape)),
+                        partial(run_cp, x, r, budget_s, tl_budget_s),
+                    ),
+                    ("Tucker", str(tr), tucker_params(shape, tr), partial(run_tucker, x, tr)),
+                    (
+                        "TT",
+                        str(br),
+                        tt_params(tt_sizes, br),
+                        partial(run_tt, x, out_shape, in_shape, br),
+                    ),
+                ]
+                for method, rank_text, n_params, run in cases:
+                    ours, theirs, note = run()
+                    (ot, oe), (tt_, te) = fmt(ours), fmt(theirs)
+                    print(
+                        f"| {rows}x{cols} | {kind} | {method} | {fraction} | {rank_text} | "
+                        f"{n_params} ({n_params / dense:.3f}) | {ot} | {oe} | {tt_} | {te} "
+                        f"| {note} |",
+                        flush=True,
+                    )
+
+
+if __name__ == "__main__":
+    main()

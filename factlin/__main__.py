@@ -1,0 +1,10 @@
+"""``python -m factlin``: the command line of :mod:`factlin.cli`."""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,912 @@
+"""Whole-model conversion: every matching ``nn.Linear`` to a :class:`FactorizedLinear`, and back.
+
+:func:`tensorize_model` walks a model, picks the linear layers to compress (by qualified name and
+size), chooses each layer's rank (one rank for all, a per-layer mapping, a parameter budget for
+the whole model, or an error tolerance), decomposes each chosen weight with
+:meth:`FactorizedLinear.from_linear` and swaps the new modules in. Every decision is written down
+in a :class:`ConversionReport`: one :class:`LayerRecord` per linear layer, converted or skipped
+with the reason. :func:`untensorize_model` puts plain ``nn.Linear`` layers back.
+
+Layers are named by their qualified names as in ``model.named_modules()`` (``'encoder.0.fc'``);
+a module registered under several names is converted once and the new module is put under every
+name. Patterns in ``include``, ``exclude`` and rank mappings are shell-style globs matched against
+the whole name with :func:`fnmatch.fnmatchcase` (``'*'`` also matches dots: ``'encoder.*'`` is
+every layer under ``encoder``), or compiled regular expressions (``re.compile(...)``), which must
+match the whole name (:meth:`re.Pattern.fullmatch`).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+import numbers
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any, Optional, TextIO, Union
+
+import torch
+from torch import nn
+
+from ._typing import RankSpec, Shape
+from ._validation import check_bool, check_implementation, check_int
+from .errors import FactlinError, RankError, describe
+from .factorizations import normalize_factorization, resolve_rank
+from .layer import FactorizedLinear, SubFactorizedLinear
+from .rank import validate_rank
+from .tensorized_shape import get_tensorized_shape
+
+__all__ = [
+    "ConversionReport",
+    "LayerRecord",
+    "tensorize_model",
+    "untensorize_model",
+    "DEFAULT_MIN_FEATURES",
+]
+
+#: A name pattern: a glob string or a compiled regular expression.
+Pattern = Union[str, re.Pattern]
+#: One pattern or several.
+Patterns = Union[Pattern, Sequence[Pattern]]
+#: A rank for every layer, or a mapping from layer names / patterns to ranks.
+RankArg = Union[RankSpec, Mapping[Pattern, RankSpec]]
+
+#: Default ``min_features``: layers with ``min(in_features, out_features)`` below it are kept.
+DEFAULT_MIN_FEATURES = 16
+
+#: Factorizations that support ``tolerance`` (see :func:`tensorize_model`).
+_TOLERANCE_FACTORIZATIONS = ("tt", "tucker")
+#: Allowed relative deviation of the parameter total from ``budget``.
+_BUDGET_SLACK = 0.05
+#: With ``progress=None``, start reporting after this many seconds.
+_PROGRESS_DELAY_S = 2.0
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LayerRecord:
+    """What happened to one linear layer.
+
+    Attributes
+    ----------
+    name : str
+        Qualified name of the layer (the first one when it is registered under several).
+    aliases : tuple of str
+        Its other qualified names (same module object), empty when it has only one.
+    shape : tuple of int
+        ``(out_features, in_features)``.
+    in_tensorized_features, out_tensorized_features : tuple of int or None
+        The tensorized shapes (None when the layer was skipped before they were chosen).
+    factorization : str or None
+        Canonical factorization name of the new layer (None when skipped).
+    rank : int, tuple of int or None
+        The resolved ranks of the new layer (None when skipped).
+    params_before, params_after : int
+        Parameters of the module before and after (equal when skipped); the bias is included.
+    rel_error : float or None
+        Relative Frobenius error of the weight's decomposition.
+    seconds : float
+        Time spent decomposing this layer.
+    skipped : str or None
+        Why the layer was left as it was; None when it was converted.
+    """
+
+    name: str
+    shape: tuple[int, int]
+    params_before: int
+    params_after: int
+    aliases: tuple[str, ...] = ()
+    in_tensorized_features: Optional[Shape] = None
+    out_tensorized_features: Optional[Shape] = None
+    factorization: Optional[str] = None
+    rank: Any = None
+    rel_error: Optional[float] = None
+    seconds: float = 0.0
+    skipped: Optional[str] = None
+
+    @property
+    def converted(self) -> bool:
+        return self.skipped is None
+
+    @property
+    def compression(self) -> float:
+        """``params_before / params_after``."""
+        return self.params_before / max(1, self.params_after)
+
+    def to_dict(self) -> dict:
+        """Plain Python values (JSON-serializable): the fields plus ``compression``."""
+        out = asdict(self)
+        for key in ("shape", "aliases", "in_tensorized_features", "out_tensorized_features"):
+            if out[key] is not None:
+                out[key] = list(out[key])
+        if isinstance(out["rank"], tuple):
+            out["rank"] = list(out["rank"])
+        out["converted"] = self.converted
+        out["compression"] = self.compression
+        return out
+
+
+@dataclass
+class ConversionReport:
+    """The outcome of :func:`tensorize_model`: one record per linear layer, and totals.
+
+    Attributes
+    ----------
+    layers : list of LayerRecord
+        In the order of ``model.named_modules()``.
+    seconds : float
+        Wall time of the whole conversion.
+    model_params_before, model_params_after : int
+        Parameters of the whole model (linear or not) before and after.
+    """
+
+    layers: list[LayerRecord] = field(default_factory=list)
+    seconds: float = 0.0
+    model_params_before: int = 0
+    model_params_after: int = 0
+
+    @property
+    def converted(self) -> list[LayerRecord]:
+        return [r for r in self.layers if r.converted]
+
+    @property
+    def skipped(self) -> list[LayerRecord]:
+        return [r for r in self.layers if not r.converted]
+
+    @property
+    def params_before(self) -> int:
+        """Parameters of all linear layers (converted or not) before the conversion."""
+        return sum(r.params_before for r in self.layers)
+
+    @property
+    def params_after(self) -> int:
+        """Parameters of the same layers afterwards."""
+        return sum(r.params_after for r in self.layers)
+
+    @property
+    def compression(self) -> float:
+        """``params_before / params_after`` over the linear layers."""
+        return self.params_before / max(1, self.params_after)
+
+    def __getitem__(self, name: str) -> LayerRecord:
+        for record in self.layers:
+            if name == record.name or name in record.aliases:
+                return record
+        raise KeyError(f"no linear layer named {name!r} in this report")
+
+    def to_dict(self) -> dict:
+        """Plain Python values (JSON-serializable)."""
+        return {
+            "layers": [r.to_dict() for r in self.layers],
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "compression": self.compression,
+            "model_params_before": self.model_params_before,
+            "model_params_after": self.model_params_after,
+            "seconds": self.seconds,
+            "n_converted": len(self.converted),
+            "n_skipped": len(self.skipped),
+        }
+
+    def __str__(self) -> str:
+        header = ("layer", "out x in", "tensorized (out | in)", "rank", "params", "after",
+                  "ratio", "rel err", "sec", "note")  # fmt: skip
+        rows = [header]
+        for r in self.layers:
+            name = r.name or "(model)"
+            if r.aliases:
+                name += " = " + ", ".join(r.aliases)
+            shapes = (
+                f"{_shape_str(r.out_tensorized_features)} | {_shape_str(r.in_tensorized_features)}"
+                if r.in_tensorized_features is not None
+                else "-"
+            )
+            rows.append((
+                name,
+                f"{r.shape[0]}x{r.shape[1]}",
+                shapes,
+                "-" if r.rank is None else _rank_str(r.rank),
+                f"{r.params_before:,}",
+                f"{r.params_after:,}",
+                f"{r.compression:.2f}x",
+                "-" if r.rel_error is None else f"{r.rel_error:.3g}",
+                f"{r.seconds:.2f}",
+                "" if r.skipped is None else f"skipped: {r.skipped}",
+            ))  # fmt: skip
+        widths = [max(len(row[k]) for row in rows) for k in range(len(header) - 1)]
+        numeric = {4, 5, 6, 7, 8}
+        lines = []
+        for row in rows:
+            cells = [
+                row[k].rjust(widths[k]) if k in numeric else row[k].ljust(widths[k])
+                for k in range(len(widths))
+            ]
+            lines.append("  ".join(cells + [row[-1]]).rstrip())
+        lines.insert(1, "-" * len(lines[0]))
+        lines.append(
+            f"{len(self.converted)} of {len(self.layers)} linear layers converted: "
+            f"{self.params_before:,} -> {self.params_after:,} parameters "
+            f"({self.compression:.2f}x); whole model {self.model_params_before:,} -> "
+            f"{self.model_params_after:,}; {self.seconds:.2f} s"
+        )
+        return "\n".join(lines)
+
+
+def _shape_str(shape: Optional[Shape]) -> str:
+    return "x".join(str(n) for n in shape) if shape else "-"
+
+
+def _rank_str(rank: Any) -> str:
+    if isinstance(rank, tuple):
+        return "(" + ",".join(str(r) for r in rank) + ")"
+    return str(rank)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks (all before any work)
+# --------------------------------------------------------------------------------------------
+class _NameMatcher:
+    """Glob strings and compiled regexes, matched against whole qualified names."""
+
+    def __init__(self, name: str, value: object) -> None:
+        self.name = name
+        items = [value] if isinstance(value, (str, re.Pattern)) else value
+        if not isinstance(items, (list, tuple)):
+            raise TypeError(
+                f"{name}={describe(value)}: expected None, a glob string, a compiled regex "
+                "(re.compile) or a list of them"
+            )
+        for item in items:
+            if not isinstance(item, (str, re.Pattern)):
+                raise TypeError(
+                    f"{name}={describe(value)}: every pattern must be a glob string or a "
+                    f"compiled regex, got {describe(item)}"
+                )
+        self.patterns: list[Pattern] = list(items)
+
+    def first_match(self, names: Sequence[str]) -> Optional[Pattern]:
+        for pattern in self.patterns:
+            if any(_matches(pattern, n) for n in names):
+                return pattern
+        return None
+
+
+def _matches(pattern: Pattern, name: str) -> bool:
+    if isinstance(pattern, str):
+        return fnmatch.fnmatchcase(name, pattern)
+    return pattern.fullmatch(name) is not None
+
+
+def _pattern_str(pattern: Pattern) -> str:
+    return repr(pattern) if isinstance(pattern, str) else f"re.compile({pattern.pattern!r})"
+
+
+class _RankRule:
+    """One rank for every layer, or the first matching entry of a mapping."""
+
+    def __init__(self, rank: object) -> None:
+        self.mapping: Optional[dict[Pattern, RankSpec]] = None
+        self.rank: Optional[RankSpec] = None
+        if isinstance(rank, Mapping):
+            if not rank:
+                raise RankError("rank={}: a rank mapping must have at least one entry")
+            self.mapping = {}
+            for key, value in rank.items():
+                if not isinstance(key, (str, re.Pattern)):
+                    raise TypeError(
+                        f"rank mapping key {describe(key)}: expected a layer name, a glob "
+                        "string or a compiled regex"
+                    )
+                try:
+                    self.mapping[key] = validate_rank(value)
+                except (TypeError, ValueError) as exc:
+                    raise type(exc)(f"rank mapping entry {_pattern_str(key)}: {exc}") from None
+        else:
+            self.rank = validate_rank(rank)
+
+    @property
+    def is_default(self) -> bool:
+        return self.mapping is None and self.rank == "same"
+
+    def lookup(self, names: Sequence[str]) -> Optional[RankSpec]:
+        """The rank for a layer known by ``names``: exact names first, then patterns in order."""
+        if self.mapping is None:
+            return self.rank
+        for key, value in self.mapping.items():
+            if isinstance(key, str) and key in names:
+                return value
+        for key, value in self.mapping.items():
+            if any(_matches(key, n) for n in names):
+                return value
+        return None
+
+
+def _check_fraction(name: str, value: object, *, upper: Optional[float]) -> float:
+    expected = "a number > 0" if upper is None else f"a number in [0, {upper})"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}={describe(value)}: expected {expected}")
+    value = float(value)
+    bad = not math.isfinite(value) or (value <= 0 if upper is None else not 0 <= value < upper)
+    if bad:
+        raise FactlinError(f"{name}={value}: expected {expected}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Walking the model
+# --------------------------------------------------------------------------------------------
+def _module_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _linear_groups(model: nn.Module) -> list[tuple[nn.Module, list[str]]]:
+    """Every ``nn.Linear`` (subclasses included) with all the names it is registered under."""
+    groups: dict[int, tuple[nn.Module, list[str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.Linear):
+            groups.setdefault(id(module), (module, []))[1].append(name)
+    return list(groups.values())
+
+
+def _parameter_owners(model: nn.Module) -> dict[int, set[str]]:
+    """``id(parameter)`` to the names of the modules holding it (tied weights have several)."""
+    owners: dict[int, set[int]] = {}
+    names: dict[int, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), name)
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), set()).add(id(module))
+    return {pid: {names[m] for m in mods} for pid, mods in owners.items()}
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+@lru_cache(maxsize=4096)
+def _resolved(factorization: str, rank: RankSpec, in_shape: Shape, out_shape: Shape) -> Any:
+    """``(ranks, weight parameter count)`` for one layer, without allocating (cached)."""
+    return resolve_rank(factorization, rank, in_shape, out_shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Planning one layer
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    module: nn.Module
+    record: LayerRecord
+    matched: bool = False  # passed the include/exclude filters
+    rank: Any = None  # what to pass to from_linear (resolved where possible)
+    bias_params: int = 0
+
+    @property
+    def weight_params(self) -> int:
+        return self.record.shape[0] * self.record.shape[1]
+
+    @property
+    def in_shape(self) -> Shape:
+        return self.record.in_tensorized_features  # type: ignore[return-value]
+
+    @property
+    def out_shape(self) -> Shape:
+        return self.record.out_tensorized_features  # type: ignore[return-value]
+
+
+def _plan_layer(
+    module: nn.Module,
+    names: list[str],
+    *,
+    factorization: str,
+    rank_rule: _RankRule,
+    n_modes: int,
+    min_features: int,
+    includes: Optional[_NameMatcher],
+    excludes: Optional[_NameMatcher],
+    owners: dict[int, set[str]],
+    check_size: bool,
+) -> _Plan:
+    weight = module.weight
+    out_features, in_features = (int(n) for n in weight.shape)
+    before = _module_params(module)
+    record = LayerRecord(
+        name=names[0],
+        aliases=tuple(names[1:]),
+        shape=(out_features, in_features),
+        params_before=before,
+        params_after=before,
+    )
+    plan = _Plan(module, record, bias_params=before - out_features * in_features)
+
+    def skip(reason: str) -> _Plan:
+        record.skipped = reason
+        return plan
+
+    if type(module) is not nn.Linear:
+        return skip(
+            f"{type(module).__name__} is a subclass of nn.Linear; only plain nn.Linear layers "
+            "are converted (a subclass or its owner may use the weight directly)"
+        )
+    if includes is not None and includes.first_match(names) is None:
+        return skip("not matched by include")
+    if excludes is not None:
+        pattern = excludes.first_match(names)
+        if pattern is not None:
+            return skip(f"matched exclude pattern {_pattern_str(pattern)}")
+    plan.matched = True
+    tied = sorted(owners.get(id(weight), set()) - set(names))
+    if tied:
+        return skip(f"its weight is shared with {', '.join(map(repr, tied))}; converting it "
+                    "would untie them")  # fmt: skip
+    if min(in_features, out_features) < min_features:
+        return skip(f"min(in, out)={min(in_features, out_features)} < min_features={min_features}")
+    in_shape, out_shape = get_tensorized_shape(in_features, out_features, order=n_modes)
+    if n_modes > 1 and len(in_shape) == 1:
+        return skip(
+            f"{out_features}x{in_features} cannot be folded into 2 or more modes of size >= 2 "
+            "on both sides (a prime or too small size)"
+        )
+    record.in_tensorized_features, record.out_tensorized_features = in_shape, out_shape
+    rank = rank_rule.lookup(names)
+    if rank is None:
+        return skip("no entry of the rank mapping matches its name")
+    plan.rank = rank
+    if check_size:
+        resolved, count = _resolved(factorization, rank, in_shape, out_shape)
+        if isinstance(rank, float) and rank < 1 and count >= plan.weight_params:
+            return skip(
+                f"at rank={rank} the {factorization} weight would have {count:,} parameters, "
+                f"not fewer than the dense {plan.weight_params:,}"
+            )
+        plan.rank = resolved
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# Budget: one fraction for every layer, then the largest layer fills the gap
+# --------------------------------------------------------------------------------------------
+def _apply_budget(plans: list[_Plan], factorization: str, budget: float) -> None:
+    matched = [p for p in plans if p.matched]
+    target = budget * sum(p.record.params_before for p in matched)
+    fixed = sum(p.record.params_before for p in matched if p.record.skipped is not None)
+    candidates = [p for p in matched if p.record.skipped is None]
+    if not candidates:
+        raise FactlinError(
+            f"budget={budget}: none of the {len(matched)} matched linear layers can be "
+            "tensorized (see the skip reasons with budget=None)"
+        )
+
+    def count(plan: _Plan, fraction: float) -> int:
+        weights = _resolved(factorization, fraction, plan.in_shape, plan.out_shape)[1]
+        if weights >= plan.weight_params:  # not smaller: the layer stays dense
+            return plan.record.params_before
+        return weights + plan.bias_params
+
+    def total(fraction: float, override: Optional[tuple[_Plan, float]] = None) -> int:
+        out = fixed
+        for p in candidates:
+            f = override[1] if override is not None and override[0] is p else fraction
+            out += count(p, f)
+        return out
+
+    def closest(fn: Any, low: float, high: float) -> float:
+        for _ in range(50):
+            mid = (low + high) / 2
+            if fn(mid) < target:
+                low = mid
+            else:
+                high = mid
+        return min((low, high), key=lambda f: abs(fn(f) - target))
+
+    lowest = 1e-9
+    fraction = closest(total, lowest, 1.0)
+    # the largest layer alone closes what one common fraction cannot
+    largest = max(candidates, key=lambda p: p.weight_params)
+    own = closest(lambda f: total(fraction, (largest, f)), lowest, 1.0)
+    reached = total(fraction, (largest, own))
+    if abs(reached - target) > _BUDGET_SLACK * target:
+        floor = total(lowest)
+        raise FactlinError(
+            f"budget={budget} asks for {target:,.0f} parameters in the matched linear layers, "
+            f"but the closest reachable total is {reached:,} (the smallest is {floor:,}, with "
+            f"{fixed:,} in layers that stay dense): raise the budget or lower min_features"
+        )
+    for p in candidates:
+        f = own if p is largest else fraction
+        resolved, weights = _resolved(factorization, f, p.in_shape, p.out_shape)
+        if weights >= p.weight_params:
+            p.record.skipped = (
+                f"at the budget's fraction {f:.3g} the {factorization} weight would have "
+                f"{weights:,} parameters, not fewer than the dense {p.weight_params:,}"
+            )
+        else:
+            p.rank = resolved
+
+
+# --------------------------------------------------------------------------------------------
+# Tolerance: the smallest Tucker ranks allowed by the HOSVD error bound
+# --------------------------------------------------------------------------------------------
+def _tucker_tolerance_ranks(
+    weight: torch.Tensor, in_shape: Shape, out_shape: Shape, tolerance: float
+) -> tuple[int, ...]:
+    """Per-mode ranks whose truncated HOSVD has relative error at most ``tolerance``.
+
+    Truncating mode ``k`` discards the energy of the trailing singular values of the mode-``k``
+    unfolding; the HOSVD error is at most the sum over modes (De Lathauwer et al., 2000,
+    Property 10), so each mode may discard ``tolerance**2 * ||W||^2 / N``. HOOI then only
+    lowers the error.
+    """
+    tensor = weight.detach().to(torch.float64).reshape(*out_shape, *in_shape)
+    shape = tuple(tensor.shape)
+    allowed = tolerance**2 * float(tensor.pow(2).sum()) / len(shape)
+    ranks = []
+    for k, size in enumerate(shape):
+        unfolding = tensor.movedim(k, 0).reshape(size, -1)  # (n_k, prod of the other modes)
+        energy = torch.linalg.eigvalsh(unfolding @ unfolding.T).flip(0).clamp_min(0)
+        tails = (energy.sum() - energy.cumsum(0)).tolist()  # tails[r - 1]: dropped beyond r
+        ranks.append(next((r + 1 for r, tail in enumerate(tails) if tail <= allowed), size))
+    return tuple(ranks)
+
+
+def _cap_ranks(ranks: tuple[int, ...], cap: Any) -> tuple[int, ...]:
+    if isinstance(cap, int):
+        return tuple(min(r, cap) for r in ranks)
+    return tuple(min(r, c) for r, c in zip(ranks, cap))
+
+
+# --------------------------------------------------------------------------------------------
+# Progress
+# --------------------------------------------------------------------------------------------
+class _Progress:
+    """Lines on stderr: always (True), never (False), or once the work takes a while (None)."""
+
+    def __init__(self, mode: Optional[bool], total: int, start: float) -> None:
+        self.mode, self.total, self.start = mode, total, start
+        self.stream: TextIO = sys.stderr
+        self.tty = mode is None and bool(getattr(self.stream, "isatty", lambda: False)())
+        self.pending_newline = False
+
+    def _active(self) -> bool:
+        if self.mode is None:
+            return time.perf_counter() - self.start > _PROGRESS_DELAY_S
+        return self.mode
+
+    def layer(self, index: int, record: LayerRecord) -> None:
+        if not self._active():
+            return
+        what = (
+            f"skipped ({record.skipped})"
+            if record.skipped is not None
+            else f"{record.factorization} rank {_rank_str(record.rank)}, "
+            f"{record.params_before:,} -> {record.params_after:,} params, "
+            f"rel error {record.rel_error:.3g}, {record.seconds:.2f} s"
+        )
+        line = f"factlin: [{index}/{self.total}] {record.name or '(model)'}: {what}"
+        if self.tty:
+            self.stream.write("\r\x1b[K" + line[:160])
+            self.pending_newline = True
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.pending_newline:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# --------------------------------------------------------------------------------------------
+# The converters
+# --------------------------------------------------------------------------------------------
+def tensorize_model(
+    model: nn.Module,
+    rank: RankArg = "same",
+    factorization: str = "cp",
+    implementation: str = "auto",
+    n_tensorized_modes: int = 3,
+    include: Optional[Patterns] = None,
+    exclude: Optional[Patterns] = None,
+    min_features: int = DEFAULT_MIN_FEATURES,
+    decomposition_kwargs: Optional[dict] = None,
+    inplace: bool = False,
+    progress: Optional[bool] = None,
+    budget: Optional[float] = None,
+    tolerance: Optional[float] = None,
+) -> tuple[nn.Module, ConversionReport]:
+    """Replace the linear layers of ``model`` by factorized ones decomposed from their weights.
+
+    Every plain ``nn.Linear`` that matches ``include``/``exclude`` and is large enough becomes a
+    :class:`FactorizedLinear` built by :meth:`FactorizedLinear.from_linear`; every other module
+    is left untouched. A layer that cannot be tensorized usefully is kept and recorded as
+    skipped, with the reason, in the report: it never stops the conversion.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model; it may itself be an ``nn.Linear``.
+    rank : 'same', float, int, tuple of int, or mapping, default 'same'
+        The rank of every converted layer (as in :class:`FactorizedLinear`), or a mapping from
+        qualified layer names or patterns to ranks: an exact name wins, then the first matching
+        pattern in the mapping's order; layers that no entry matches are skipped. With a float
+        ``f < 1``, layers whose factorized weight would not have fewer parameters than the
+        dense one are skipped. With ``tolerance``, the rank is an upper bound.
+    factorization : {'cp', 'tucker', 'tt'}, default 'cp'
+        Case-insensitive, aliases accepted.
+    implementation : {'factorized', 'reconstructed', 'auto'}, default 'auto'
+        Forward implementation of the new layers.
+    n_tensorized_modes : int, default 3
+        Modes per side (:func:`factlin.get_tensorized_shape`); fewer when the sizes do not
+        allow it. Layers that fold into a single mode although ``n_tensorized_modes > 1``
+        (prime sizes) are skipped.
+    include, exclude : glob string, compiled regex or list of them, optional
+        Convert only layers with a name matching ``include`` (all when None), and none with a
+        name matching ``exclude``. Globs use :func:`fnmatch.fnmatchcase` on the whole
+        qualified name (``'*'`` also crosses dots); regexes must match the whole name. A module
+        registered under several names is included when one of them matches ``include`` and
+        excluded when one of them matches ``exclude``.
+    min_features : int, default 16
+        Layers with ``min(in_features, out_features) < min_features`` are skipped.
+    decomposition_kwargs : dict, optional
+        Passed to every decomposition (e.g. ``{'n_iter_max': 20}`` for CP-ALS; see
+        :meth:`FactorizedLinear.from_linear`).
+    inplace : bool, default False
+        Modify ``model`` itself instead of a deep copy. The modules are swapped only after
+        every decomposition succeeded, so an error leaves the model as it was.
+    progress : bool or None, default None
+        True: one line per layer on stderr; False: silent; None: silent for the first ~2
+        seconds, then one line per layer (an updating line on a terminal).
+    budget : float, optional
+        Total parameters of the matched linear layers (weights and biases, skipped layers
+        counted dense) as a fraction of what they have now. Ranks are chosen by giving every
+        layer the same parameter fraction, then letting the largest layer close the remaining
+        gap; the total lands within ±5% of the budget, or a ``ValueError`` says what can be
+        reached. Cannot be combined with an explicit ``rank``.
+    tolerance : float, optional
+        Target relative Frobenius error ``eps`` in ``[0, 1)`` of each weight. Supported for
+        ``'tt'`` (TT-SVD truncation, ``rel_tol``) and ``'tucker'`` (the smallest ranks allowed
+        by the truncated-HOSVD error bound, refined by HOOI); both guarantee
+        ``rel_error <= eps`` unless ``rank`` caps the ranks first. ``'cp'`` has no such
+        rank-revealing algorithm and raises ``ValueError``. Layers whose error stays above
+        ``eps`` under the rank cap, or that would not get smaller, are skipped.
+
+    Returns
+    -------
+    model : torch.nn.Module
+        The converted model (``model`` itself when ``inplace``, otherwise a copy; a new
+        :class:`FactorizedLinear` when ``model`` was an ``nn.Linear`` that got converted).
+    report : ConversionReport
+        One :class:`LayerRecord` per ``nn.Linear`` found (converted or skipped) and totals.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On bad arguments, before any work: an unknown factorization or implementation, a bad
+        rank or rank mapping, ``budget`` together with ``rank`` or ``tolerance``,
+        ``tolerance`` with CP, a budget that cannot be reached. Errors of a decomposition that
+        are not about the layer itself (e.g. unknown ``decomposition_kwargs``) propagate.
+
+    Examples
+    --------
+    >>> model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    >>> small, report = tensorize_model(model, rank=0.2, factorization='tucker', progress=False)
+    >>> [r.converted for r in report.layers]
+    [True, False]
+    """
+    # ---- every check first -------------------------------------------------------------------
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model={describe(model)}: expected a torch.nn.Module")
+    factorization = normalize_factorization(factorization)
+    implementation = check_implementation(implementation)
+    n_modes = check_int("n_tensorized_modes", n_tensorized_modes, 1)
+    min_features = check_int("min_features", min_features, 1)
+    includes = None if include is None else _NameMatcher("include", include)
+    excludes = None if exclude is None else _NameMatcher("exclude", exclude)
+    rank_rule = _RankRule(rank)
+    if decomposition_kwargs is not None and not isinstance(decomposition_kwargs, dict):
+        raise TypeError(
+            f"decomposition_kwargs={describe(decomposition_kwargs)}: expected a dict or None"
+        )
+    kwargs = dict(decomposition_kwargs or {})
+    inplace = check_bool("inplace", inplace)
+    if progress is not None:
+        check_bool("progress", progress)
+    if budget is not None:
+        budget = _check_fraction("budget", budget, upper=None)
+        if not rank_rule.is_default:
+            raise FactlinError(
+                f"budget={budget} chooses every rank itself: leave rank at 'same' "
+                f"(got rank={describe(rank)})"
+            )
+        if tolerance is not None:
+            raise FactlinError(
+                f"budget={budget} and tolerance={tolerance} both choose the ranks: pass one"
+            )
+    if tolerance is not None:
+        tolerance = _check_fraction("tolerance", tolerance, upper=1.0)
+        if factorization not in _TOLERANCE_FACTORIZATIONS:
+            raise FactlinError(
+                f"tolerance={tolerance} is not supported for factorization={factorization!r}: "
+                "CP has no rank-revealing decomposition to stop at an error; use one of "
+                f"{_TOLERANCE_FACTORIZATIONS}, or pick a rank or budget"
+            )
+        if "rel_tol" in kwargs:
+            raise FactlinError(
+                "pass the error target once: tolerance= or decomposition_kwargs['rel_tol'], "
+                "not both"
+            )
+
+    # ---- plan ----------------------------------------------------------------------------
+    start = time.perf_counter()
+    root = model if inplace else copy.deepcopy(model)
+    model_before = _module_params(root)
+    owners = _parameter_owners(root)
+    plans = [
+        _plan_layer(
+            module,
+            names,
+            factorization=factorization,
+            rank_rule=rank_rule,
+            n_modes=n_modes,
+            min_features=min_features,
+            includes=includes,
+            excludes=excludes,
+            owners=owners,
+            check_size=tolerance is None,
+        )
+        for module, names in _linear_groups(root)
+    ]
+    if budget is not None:
+        _apply_budget(plans, factorization, budget)
+
+    # ---- decompose -----------------------------------------------------------------------
+    progress_log = _Progress(progress, len(plans), start)
+    new_modules: dict[int, nn.Module] = {}
+    try:
+        for index, plan in enumerate(plans, start=1):
+            if plan.record.skipped is None:
+                new = _convert(plan, factorization, implementation, n_modes, kwargs, tolerance)
+                if new is not None:
+                    new_modules[id(plan.module)] = new
+            progress_log.layer(index, plan.record)
+    finally:
+        progress_log.close()
+
+    # ---- swap ----------------------------------------------------------------------------
+    for plan in plans:
+        new = new_modules.get(id(plan.module))
+        if new is None:
+            continue
+        for name in (plan.record.name, *plan.record.aliases):
+            if name == "":
+                root = new
+            else:
+                _set_submodule(root, name, new)
+    report = ConversionReport(
+        layers=[p.record for p in plans],
+        seconds=time.perf_counter() - start,
+        model_params_before=model_before,
+        model_params_after=_module_params(root),
+    )
+    return root, report
+
+
+def _convert(
+    plan: _Plan,
+    factorization: str,
+    implementation: str,
+    n_modes: int,
+    kwargs: dict,
+    tolerance: Optional[float],
+) -> Optional[FactorizedLinear]:
+    """Decompose one layer; on a layer-specific failure record the reason and return None."""
+    record, linear = plan.record, plan.module
+    rank = plan.rank
+    tic = time.perf_counter()
+    if tolerance is not None:
+        cap = _resolved(factorization, rank, plan.in_shape, plan.out_shape)[0]
+        if factorization == "tt":
+            kwargs = {**kwargs, "rel_tol": tolerance}
+            rank = cap
+        else:
+            wanted = _tucker_tolerance_ranks(
+                linear.weight, plan.in_shape, plan.out_shape, tolerance
+            )
+            rank = _cap_ranks(wanted, cap)
+    try:
+        new = FactorizedLinear.from_linear(
+            linear,
+            rank=rank,
+            n_tensorized_modes=n_modes,
+            factorization=factorization,
+            implementation=implementation,
+            decomposition_kwargs=kwargs,
+        )
+    except (FactlinError, RuntimeError) as exc:  # MemoryLimitError, linalg failures, ...
+        record.seconds = time.perf_counter() - tic
+        record.skipped = f"decomposition failed: {exc}"
+        return None
+    record.seconds = time.perf_counter() - tic
+    info = new.decomposition_info or {}
+    rel_error = info.get("rel_error")
+    after = _module_params(new)
+    if tolerance is not None:
+        if rel_error is not None and rel_error > tolerance * (1 + 1e-9) + 1e-12:
+            record.skipped = (
+                f"rank cap reached before tolerance={tolerance}: rel error {rel_error:.3g} at "
+                f"ranks {_rank_str(new.rank)}"
+            )
+            return None
+        if after >= record.params_before:
+            record.skipped = (
+                f"reaching tolerance={tolerance} needs ranks {_rank_str(new.rank)} with "
+                f"{after:,} parameters, not fewer than the dense {record.params_before:,}"
+            )
+            return None
+    new.train(linear.training)
+    if not linear.weight.requires_grad:
+        new.weight.requires_grad_(False)
+    record.factorization = new.factorization
+    record.rank = new.rank
+    record.params_after = after
+    record.rel_error = None if rel_error is None else float(rel_error)
+    return new
+
+
+def untensorize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Replace every :class:`FactorizedLinear` of ``model`` by a plain ``nn.Linear``.
+
+    Each layer becomes ``layer.to_linear()``: the rebuilt weight and the bias, so outputs are
+    unchanged up to round-off. A :class:`SubFactorizedLinear` (one layer of a joint
+    factorization) becomes its own ``nn.Linear``; a joint layer with ``n_layers > 1`` that is
+    registered directly is left in place, since no single ``nn.Linear`` represents it. A module
+    registered under several names is replaced by one new module under all of them.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model (may itself be a ``FactorizedLinear``).
+    inplace : bool, default False
+        Modify ``model`` itself instead of a deep copy.
+
+    Returns
+    -------
+    torch.nn.Module
+        The model with plain linear layers.
+
+    Raises
+    ------
+    TypeError
+        If ``model`` is not an ``nn.Module`` or ``inplace`` not a bool.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model={describe(model)}: expected a torch.nn.Module")
+    inplace = check_bool("inplace", inplace)
+    root = model if inplace else copy.deepcopy(model)
+    new_modules: dict[int, nn.Module] = {}
+    targets: list[tuple[str, nn.Module]] = []
+    replaced_prefixes: list[str] = []
+    for name, module in root.named_modules(remove_duplicate=False):  # parents come first
+        if any(name.startswith(prefix) for prefix in replaced_prefixes):
+            continue
+        joint = isinstance(module, FactorizedLinear) and module.n_layers > 1
+        if not isinstance(module, (FactorizedLinear, SubFactorizedLinear)) or joint:
+            continue
+        if id(module) not in new_modules:
+            linear = module.to_linear()
+            linear.train(module.training)
+            new_modules[id(module)] = linear
+        targets.append((name, new_modules[id(module)]))
+        replaced_prefixes.append(f"{name}." if name else "")
+    for name, linear in targets:
+        if name == "":
+            return linear
+        _set_submodule(root, name, linear)
+    return root
