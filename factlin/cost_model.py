@@ -1,53 +1,47 @@
 """The cost model behind ``implementation='auto'``.
 
-For a batch of ``B`` rows, the two forwards cost
+For a batch of ``B`` rows the two forwards cost
 
-* factorized: the planned contraction, ``F(B)`` FLOPs in ``s`` small kernels;
-* reconstructed: rebuilding the matrix (``R`` FLOPs, a few kernels) plus one dense
-  ``2 * B * in * out`` product.
+* factorized: the planned contraction of the input with the factors, whose time the planner
+  models step by step (:func:`factlin.contraction.step_seconds`: FLOPs at a rate that drops for
+  skinny matrix products, memory traffic, permutation copies, a fixed cost per kernel);
+* reconstructed: rebuilding the matrix (its own planned contraction) plus one dense
+  ``(B, in) @ (in, out)`` product, modelled by :func:`factlin.contraction.matmul_seconds`.
 
-With gradients, backward roughly doubles each side (two products per forward product), so both
-sides are multiplied by 3; the comparison is unchanged except for the fixed per-kernel cost.
-Without gradients and with the inference cache on, the reconstructed weight is rebuilt once and
-reused, so its cost is the dense product alone.
-
-Time is estimated as ``flops / FLOP_RATE + kernels * KERNEL_OVERHEAD_S``; the constants are
-rough CPU figures: only their ratio matters, and it only decides near the crossover point, where
-both choices cost about the same. The decision is cached per power-of-two batch bucket.
+With gradients, backward costs about two forwards on each side (two products per forward
+product), so both sides are multiplied by 3. Without gradients and with the inference cache on,
+the rebuilt weight is reused, so the reconstructed side costs the dense product alone. The
+decision is made for the power-of-two bucket of ``B`` and cached per bucket by the layer.
 """
 
 from __future__ import annotations
 
+from .contraction import matmul_seconds
 from .factorizations import FactorizedWeight
 from .factorizations._base import batch_bucket
 
-__all__ = ["choose_implementation", "estimated_seconds", "FLOP_RATE", "KERNEL_OVERHEAD_S"]
+__all__ = ["choose_implementation", "estimated_seconds", "dense_seconds"]
 
-#: Sustained FLOP rate assumed for einsum/matmul kernels (FLOP/s).
-FLOP_RATE = 2.0e10
-#: Fixed cost of one kernel call from Python (seconds).
-KERNEL_OVERHEAD_S = 6.0e-6
-#: Kernels used by the reconstructed path besides the rebuild (the linear itself).
-_DENSE_KERNELS = 1
+#: Forward + backward cost relative to a forward.
+_GRAD_PASSES = 3
+
+
+def dense_seconds(in_features: int, out_features: int, batch: int) -> float:
+    """Modelled time of ``F.linear`` on ``batch`` rows."""
+    return matmul_seconds(1, max(1, batch), out_features, in_features)
 
 
 def estimated_seconds(
     weight: FactorizedWeight, implementation: str, batch: int, *, grad: bool, cached: bool
 ) -> float:
-    """Estimated time of one forward (with backward when ``grad``) at ``batch`` rows."""
-    passes = 3 if grad else 1
+    """Modelled time of one forward (with backward when ``grad``) at ``batch`` rows."""
+    passes = _GRAD_PASSES if grad else 1
     if implementation == "factorized":
-        flops = weight.contract_flops(batch)
-        kernels = weight.contract_steps()
-    else:
-        dense = 2 * batch * weight.in_features * weight.out_features
-        if cached and not grad:
-            flops, kernels = dense, _DENSE_KERNELS
-        else:
-            rebuild = weight.matrix_flops()
-            flops = dense + rebuild
-            kernels = _DENSE_KERNELS + len(weight._plan("tensor", weight.n_layers > 1, 0).steps)
-    return passes * (flops / FLOP_RATE + kernels * KERNEL_OVERHEAD_S)
+        return passes * weight.contract_seconds(batch)
+    dense = dense_seconds(weight.in_features, weight.out_features, batch)
+    if cached and not grad:
+        return dense
+    return passes * (dense + weight.matrix_seconds())
 
 
 def choose_implementation(weight: FactorizedWeight, batch: int, *, grad: bool, cached: bool) -> str:

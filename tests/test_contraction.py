@@ -8,41 +8,77 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from factlin import FactorizedLinear
-from factlin.contraction import input_first_path, plan_contraction
+from factlin import contraction
+from factlin.contraction import plan_contraction
 from factlin.factorizations._base import batch_bucket
 
 
-@pytest.mark.parametrize(
-    "equation, shapes",
-    [
-        ("ab,bc->ac", [(3, 4), (4, 5)]),
-        ("zab,ar,br,r->zr", [(6, 2, 3), (2, 4), (3, 4), (4,)]),
-        ("abc,cd,de->abe", [(2, 3, 4), (4, 5), (5, 6)]),
-        ("ab->ba", [(2, 3)]),
-    ],
-)
-@pytest.mark.parametrize("input_first", [False, True])
-def test_plan_matches_einsum(equation, shapes, input_first):
+EQUATIONS = [
+    ("ab,bc->ac", [(3, 4), (4, 5)]),
+    ("zab,ar,br,r->zr", [(6, 2, 3), (2, 4), (3, 4), (4,)]),
+    ("abc,cd,de->abe", [(2, 3, 4), (4, 5), (5, 6)]),
+    ("ab->ba", [(2, 3)]),
+    ("abc->b", [(2, 3, 4)]),
+    ("ab,ab->ab", [(3, 4), (3, 4)]),
+    ("zdef,adh,hbei,icf->zabc", [(5, 2, 3, 4), (2, 2, 3), (3, 3, 3, 2), (2, 4, 4)]),
+    ("zde,ghij,dg,eh,ai,bj->zab", [(7, 3, 4), (2, 3, 2, 2), (3, 2), (4, 3), (5, 2), (6, 2)]),
+]
+
+
+@pytest.mark.parametrize("equation, shapes", EQUATIONS)
+@pytest.mark.parametrize("batch_mode", ["", "z"])
+def test_plan_matches_einsum(equation, shapes, batch_mode):
     operands = [torch.randn(*s, dtype=torch.float64) for s in shapes]
-    plan = plan_contraction(equation, shapes, input_first=input_first)
+    plan = plan_contraction(equation, shapes, batch_mode=batch_mode if "z" in equation else "")
     torch.testing.assert_close(plan(*operands), torch.einsum(equation, *operands))
 
 
-def test_input_first_never_contracts_factors_together():
-    # x with three TT-like cores: every pairwise step must involve the running intermediate
+@pytest.mark.parametrize("equation, shapes", [e for e in EQUATIONS if e[0].startswith("z")])
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_one_plan_serves_every_batch_size(equation, shapes, rows):
+    """The batch mode is left free: a plan made for one size runs any other."""
+    plan = plan_contraction(equation, shapes, batch_mode="z")
+    operands = [torch.randn(rows, *shapes[0][1:], dtype=torch.float64)]
+    operands += [torch.randn(*s, dtype=torch.float64) for s in shapes[1:]]
+    torch.testing.assert_close(plan(*operands), torch.einsum(equation, *operands))
+
+
+def test_weight_only_intermediates_are_bounded():
+    # x with three TT-like cores: no intermediate built from cores alone may hold every weight
+    # mode (that would rebuild the weight) or exceed the size limit.
     equation = "Zdef,adh,hbei,icf->Zabc"
     shapes = [(64, 4, 8, 8), (8, 4, 30), (30, 4, 8, 31), (31, 8, 8)]
-    plan = plan_contraction(equation, shapes, input_first=True)
-    letters_of_x = set("Zdef")
-    for step, (_, step_equation) in enumerate(plan.steps):
-        inputs = step_equation.split("->")[0].split(",")
-        assert "Z" in "".join(inputs), f"step {step} {step_equation} does not involve the input"
-    assert letters_of_x
+    plan = plan_contraction(
+        equation, shapes, batch_mode="Z", max_weight_intermediate=1, weight_modes="abcdef"
+    )
+    working = ["Zdef", "adh", "hbei", "icf"]
+    for i, j in plan.path:
+        merged = working[i] + working[j]
+        assert "Z" in merged, f"{working[i]} and {working[j]} contracted without the input"
+        working = [t for k, t in enumerate(working) if k not in (i, j)] + [merged]
 
 
-def test_vector_operands_are_folded_first():
-    path = input_first_path("Zab,r,ar,br->Zr", [(8, 3, 4), (5,), (3, 5), (4, 5)])
-    assert path[0] == (1, 2)  # the weight vector joins the smaller factor before anything else
+def test_planner_prefers_big_matmuls_for_cp():
+    """CP at a large rank: the in-side factors are merged (a Khatri-Rao product the size of a
+    few weights) so that the input meets them in one matrix product, instead of a chain of
+    skinny batched products; the modelled time says so."""
+    equation = "Zdef,g,ag,bg,cg,dg,eg,fg->Zabc"
+    shapes = [(64, 8, 8, 12), (500,), (8, 500), (8, 500), (12, 500), (8, 500), (8, 500), (12, 500)]
+    free = plan_contraction(equation, shapes, batch_mode="Z")
+    chained = plan_contraction(
+        equation, shapes, batch_mode="Z", max_weight_intermediate=500, weight_modes="abcdef"
+    )
+    assert free.seconds < chained.seconds
+    assert free.largest_intermediate <= 64 * 768 + 768 * 500
+
+
+def test_empty_batch_runs():
+    layer = FactorizedLinear((4, 6), (6, 4), factorization="tt", rank=0.5)
+    x = torch.zeros(0, 24, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 24)
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == (0, 24)
 
 
 def test_batch_bucket():
@@ -74,12 +110,10 @@ def test_plan_execution_does_not_replan(monkeypatch):
     layer = FactorizedLinear((4, 6), (6, 4), factorization="tucker", rank=0.3)
     x = torch.randn(10, 24)
     layer(x)
-    import opt_einsum
-
     def fail(*args, **kwargs):
-        raise AssertionError("contract_path called on a cached plan")
+        raise AssertionError("plan search ran for a cached plan")
 
-    monkeypatch.setattr(opt_einsum, "contract_path", fail)
+    monkeypatch.setattr(contraction, "_search_exhaustive", fail)
     layer(x)
     layer.implementation = "reconstructed"
     with pytest.raises(AssertionError):  # first reconstruction plans once...

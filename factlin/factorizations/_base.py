@@ -29,6 +29,8 @@ Signature = tuple[list[str], str, str, str]
 _BATCH_LETTER = EINSUM_LETTERS[-1]
 _MAX_BATCH_BUCKET = 1 << 14
 _COMPILED_BATCH_BUCKET = 256
+#: Largest weight-only intermediate of the factorized forward, in dense weights' sizes.
+_WEIGHT_INTERMEDIATE_FACTOR = 4
 
 
 def constant_under_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -167,7 +169,17 @@ class FactorizedWeight(nn.Module, ABC):
         else:
             output = ("" if layer_selected else layer_letters) + out_letters + in_letters
         equation = ",".join(subscripts) + "->" + output
-        return plan_contraction(equation, shapes, input_first=kind == "contract")
+        if kind != "contract":
+            return plan_contraction(equation, shapes)
+        # Never rebuild the weight in the factorized forward, nor build weight-only
+        # intermediates much larger than it.
+        return plan_contraction(
+            equation,
+            shapes,
+            batch_mode=_BATCH_LETTER,
+            max_weight_intermediate=_WEIGHT_INTERMEDIATE_FACTOR * self.in_features * self.out_features,
+            weight_modes=out_letters + in_letters,
+        )
 
     def _contraction_in_shape(self) -> Shape:
         """Shape the input's feature dimension is reshaped to (may pad with size-1 modes)."""
@@ -186,9 +198,13 @@ class FactorizedWeight(nn.Module, ABC):
         """FLOPs of rebuilding one layer's matrix (:meth:`to_matrix` with a layer index)."""
         return self._plan("tensor", self.n_layers > 1, 0).flops
 
-    def contract_steps(self) -> int:
-        """Number of pairwise contractions (kernel launches) in the factorized forward."""
-        return len(self._plan("contract", self.n_layers > 1, batch_bucket(1)).steps)
+    def contract_seconds(self, batch: int) -> float:
+        """Modelled time of :meth:`contract` for ``batch`` rows (see :mod:`factlin.contraction`)."""
+        return self._plan("contract", self.n_layers > 1, batch_bucket(batch)).seconds
+
+    def matrix_seconds(self) -> float:
+        """Modelled time of rebuilding one layer's matrix."""
+        return self._plan("tensor", self.n_layers > 1, 0).seconds
 
     def contract(self, x: torch.Tensor, layer: Optional[int] = None) -> torch.Tensor:
         """Apply the weight to ``x`` of shape ``(batch, in_features)`` without rebuilding it.
@@ -196,6 +212,9 @@ class FactorizedWeight(nn.Module, ABC):
         Returns ``(batch, out_features)``. ``layer`` must be given when ``n_layers > 1``.
         """
         batch = x.shape[0]
+        if batch == 0:  # plans leave the batch size free (-1), which 0 rows make ambiguous
+            padded = torch.nn.functional.pad(x, (0, 0, 0, 1))
+            return self.contract(padded, layer)[:0]
         selected = self.n_layers > 1
         operands = self._operands(layer if selected else None)
         # (batch, in_features) -> (batch, *in_modes) -> (batch, *out_modes) -> (batch, out_features)
