@@ -5,6 +5,8 @@ plain ``nn.Parameter``s, a rank solver, and a forward pass that contracts the in
 factors through a contraction order planned once.
 """
 
+from .convert import ConversionReport, LayerRecord, tensorize_model, untensorize_model
+from .decompositions import MemoryLimitError
 from .errors import FactlinError, InputError, RankError, ShapeError
 from .factorizations import FACTORIZATIONS, CPWeight, FactorizedWeight, TTWeight, TuckerWeight
 from .layer import FactorizedLinear, SubFactorizedLinear
@@ -21,6 +23,11 @@ __all__ = [
     "TTWeight",
     "FACTORIZATIONS",
     "get_tensorized_shape",
+    "tensorize_model",
+    "untensorize_model",
+    "ConversionReport",
+    "LayerRecord",
+    "MemoryLimitError",
     "tensorize_dim",
     "FactlinError",
     "RankError",

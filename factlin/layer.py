@@ -24,7 +24,7 @@ from ._validation import (
 )
 from .cost_model import choose_implementation
 from .errors import InputError, ShapeError, describe
-from .factorizations import FactorizedWeight, get_factorization
+from .factorizations import FactorizedWeight, get_factorization, normalize_factorization
 from .factorizations._base import batch_bucket, constant_under_compile
 from .rank import validate_rank
 from .tensorized_shape import get_tensorized_shape
@@ -328,6 +328,14 @@ class FactorizedLinear(nn.Module):
                 f"decomposition_kwargs={describe(decomposition_kwargs)}: expected a dict or None"
             )
         check_bool("verbose", verbose)
+        options = get_factorization(factorization).decomposition_options
+        unknown = sorted(set(decomposition_kwargs) - options)
+        if unknown:
+            raise TypeError(
+                f"decomposition_kwargs has {', '.join(map(repr, unknown))}, which the "
+                f"{normalize_factorization(factorization)!r} decomposition does not take; it "
+                f"accepts {', '.join(sorted(options))}"
+            )
         if not torch.isfinite(tensor).all():
             raise InputError(
                 "the weight to decompose contains NaN or inf values; a factorization of it "
@@ -350,7 +358,7 @@ class FactorizedLinear(nn.Module):
         finally:
             _SKIP_RANDOM_INIT.reset(token)
         kwargs = dict(decomposition_kwargs)
-        if verbose:
+        if verbose and "verbose" in options:
             kwargs.setdefault("verbose", True)
         info = layer.weight.init_from_tensor(tensor.detach(), **kwargs)
         if bias is not None:

@@ -255,7 +255,7 @@ def resolve_cp_rank(rank: RankSpec, shape: Shape) -> int:
     if isinstance(rank, int):
         return min(rank, cap)
     target = target_param_count(rank, math.prod(shape))
-    return max(1, min(cap, round(target / (1 + sum(shape)))))
+    return max(1, round(min(cap, target / (1 + sum(shape)))))
 
 
 def resolve_tucker_ranks(rank: RankSpec, shape: Shape) -> tuple[int, ...]:

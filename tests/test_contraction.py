@@ -7,11 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from factlin import FactorizedLinear
-from factlin import contraction
+from factlin import FactorizedLinear, contraction
 from factlin.contraction import plan_contraction
 from factlin.factorizations._base import batch_bucket
-
 
 EQUATIONS = [
     ("ab,bc->ac", [(3, 4), (4, 5)]),
@@ -110,6 +108,7 @@ def test_plan_execution_does_not_replan(monkeypatch):
     layer = FactorizedLinear((4, 6), (6, 4), factorization="tucker", rank=0.3)
     x = torch.randn(10, 24)
     layer(x)
+
     def fail(*args, **kwargs):
         raise AssertionError("plan search ran for a cached plan")
 

@@ -216,7 +216,6 @@ def test_from_linear_list(n_layers, factorization):
         linears, (3, 4), (2, 4), rank=10**6, factorization=factorization
     )
     assert layer.n_layers == n_layers
-    x = torch.randn(5, 12, dtype=torch.float64)
     tolerance = 1e-2 if factorization == "cp" else 1e-8
     for k, linear in enumerate(linears):
         assert _rel_error(layer, linear, k) < tolerance
@@ -237,3 +236,22 @@ def test_from_linear_list_missing_bias_is_zero():
     )
     assert torch.equal(layer.bias[1], torch.zeros(4, dtype=torch.float64))
     torch.testing.assert_close(layer.bias[0].detach(), linears[0].bias.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "factorization, kwargs",
+    [("tt", {"n_iter_max": 5}), ("cp", {"rel_tol": 0.1}), ("tucker", {"bogus": 1})],
+)
+def test_unknown_decomposition_kwargs_are_named(factorization, kwargs):
+    with pytest.raises(TypeError, match=repr(next(iter(kwargs)))):
+        FactorizedLinear.from_linear(
+            nn.Linear(16, 16), factorization=factorization, decomposition_kwargs=kwargs
+        )
+
+
+def test_verbose_works_for_every_factorization():
+    for factorization in ("cp", "tucker", "tt"):
+        layer = FactorizedLinear.from_linear(
+            nn.Linear(16, 16), factorization=factorization, rank=0.5, verbose=True
+        )
+        assert layer.decomposition_info["rel_error"] >= 0

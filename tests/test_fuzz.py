@@ -352,11 +352,8 @@ def test_from_linear_argument_fuzz(
         _assert_works(layer, 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="rank.resolve_cp_rank rounds float('inf') when rank * dense count overflows",
-)
-def test_huge_float_rank_is_capped():
-    layer = FactorizedLinear((2, 3), (3, 2), factorization="cp", rank=1e308)
-    assert layer.rank == FactorizedLinear((2, 3), (3, 2), factorization="cp", rank=10**9).rank
+@pytest.mark.parametrize("factorization", ["cp", "tucker", "tt"])
+def test_huge_float_rank_is_capped(factorization):
+    layer = FactorizedLinear((2, 3), (3, 2), factorization=factorization, rank=1e308)
+    full = FactorizedLinear((2, 3), (3, 2), factorization=factorization, rank=10**9)
+    assert layer.rank == full.rank

@@ -173,11 +173,12 @@ class FactorizedWeight(nn.Module, ABC):
             return plan_contraction(equation, shapes)
         # Never rebuild the weight in the factorized forward, nor build weight-only
         # intermediates much larger than it.
+        weight_size = self.in_features * self.out_features
         return plan_contraction(
             equation,
             shapes,
             batch_mode=_BATCH_LETTER,
-            max_weight_intermediate=_WEIGHT_INTERMEDIATE_FACTOR * self.in_features * self.out_features,
+            max_weight_intermediate=_WEIGHT_INTERMEDIATE_FACTOR * weight_size,
             weight_modes=out_letters + in_letters,
         )
 
@@ -190,9 +191,11 @@ class FactorizedWeight(nn.Module, ABC):
 
     def contract_flops(self, batch: int) -> int:
         """FLOPs of :meth:`contract` for ``batch`` rows, from the cached plan for its bucket."""
-        return self._plan("contract", self.n_layers > 1, batch_bucket(batch)).flops * max(
-            1, batch
-        ) // batch_bucket(batch)
+        return (
+            self._plan("contract", self.n_layers > 1, batch_bucket(batch)).flops
+            * max(1, batch)
+            // batch_bucket(batch)
+        )
 
     def matrix_flops(self) -> int:
         """FLOPs of rebuilding one layer's matrix (:meth:`to_matrix` with a layer index)."""

@@ -10,7 +10,7 @@ Kolda, T. G. and Bader, B. W. (2009). Tensor decompositions and applications. SI
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -33,6 +33,10 @@ class CPWeight(FactorizedWeight):
     """
 
     name = "cp"
+    #: What ``decomposition_kwargs`` may pass to :func:`factlin.decompositions.cp_als`.
+    decomposition_options: ClassVar[frozenset[str]] = frozenset(
+        {"n_iter_max", "tol", "init", "random_state", "memory_limit_bytes", "callback", "verbose"}
+    )
 
     def resolve_rank(self, rank: RankSpec) -> int:
         return resolve_cp_rank(rank, self.tensor_shape)

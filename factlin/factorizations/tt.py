@@ -15,7 +15,7 @@ NeurIPS.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -44,6 +44,8 @@ class TTWeight(FactorizedWeight):
     """Weight matrices stored as a TT-matrix. ``rank`` is the bond ranks, boundary 1s included."""
 
     name = "tt"
+    #: What ``decomposition_kwargs`` may pass to :func:`factlin.decompositions.tt_matrix_svd`.
+    decomposition_options: ClassVar[frozenset[str]] = frozenset({"rel_tol", "memory_limit_bytes"})
 
     @property
     def _core_modes(self) -> tuple[Shape, Shape]:

@@ -12,7 +12,7 @@ decomposition. SIAM J. Matrix Anal. Appl. 21(4).
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -32,6 +32,10 @@ class TuckerWeight(FactorizedWeight):
     """
 
     name = "tucker"
+    #: What ``decomposition_kwargs`` may pass to :func:`factlin.decompositions.tucker`.
+    decomposition_options: ClassVar[frozenset[str]] = frozenset(
+        {"n_iter_max", "tol", "init", "random_state", "memory_limit_bytes", "callback", "verbose"}
+    )
 
     def resolve_rank(self, rank: RankSpec) -> tuple[int, ...]:
         return resolve_tucker_ranks(rank, self.tensor_shape)
