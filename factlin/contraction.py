@@ -16,6 +16,7 @@ reshape, so one plan serves every batch size of its bucket.
 
 from __future__ import annotations
 
+import functools
 import math
 import string
 from collections.abc import Sequence
@@ -49,8 +50,8 @@ SECONDS_PER_ELEMENT = 2.1e-10
 SECONDS_PER_PRODUCT_ELEMENT = 7e-10
 #: Seconds per element copied by a permuting ``reshape``.
 SECONDS_PER_COPIED_ELEMENT = 1.5e-9
-#: Fixed cost of one step (kernel launch plus the Python around it).
-SECONDS_PER_STEP = 6e-6
+#: Fixed cost of one step (its few kernel launches plus the Python around them).
+SECONDS_PER_STEP = 1e-5
 #: Largest operand count searched exhaustively (3**n subset splits); beyond, a greedy order.
 _MAX_EXHAUSTIVE = 11
 
@@ -109,7 +110,8 @@ class ContractionPlan:
 def run_steps(steps: Sequence, operands: Sequence[torch.Tensor]) -> torch.Tensor:
     """Execute compiled ``steps`` (see :class:`ContractionPlan`) on ``operands``.
 
-    Plain constants in, so ``torch.compile`` traces it without a plan object in the graph.
+    Plain constants in, so ``torch.compile`` traces it without a plan object in the graph. An
+    empty permutation or shape means the operand is already laid out as needed.
     """
     working = list(operands)
     *pairwise, final = steps
@@ -122,10 +124,16 @@ def run_steps(steps: Sequence, operands: Sequence[torch.Tensor]) -> torch.Tensor
             left = left.sum(left_sum)
         if right_sum:
             right = right.sum(right_sum)
-        left = left.permute(left_perm).reshape(left_shape)
-        right = right.permute(right_perm).reshape(right_shape)
+        if left_perm:
+            left = left.permute(left_perm)
+        if left_shape:
+            left = left.reshape(left_shape)
+        if right_perm:
+            right = right.permute(right_perm)
+        if right_shape:
+            right = right.reshape(right_shape)
         result = left * right if product else torch.matmul(left, right)
-        working.append(result.reshape(result_shape))
+        working.append(result.reshape(result_shape) if result_shape else result)
     result = working[0]
     final_sum, final_perm = final
     if final_sum:
@@ -190,7 +198,7 @@ def _compile_oriented(
     a_free = "".join(c for c in a_rest if c not in shared)
     b_free = "".join(c for c in b_rest if c not in shared)
     nb, m, n, k = size(batched), size(a_free), size(b_free), size(summed)
-    product = k == 1
+    product = not summed
     seconds = SECONDS_PER_STEP
     if a_sum:
         seconds += SECONDS_PER_ELEMENT * size(a) + SECONDS_PER_STEP
@@ -210,16 +218,24 @@ def _compile_oriented(
     def dim(modes: str) -> int:
         return -1 if batch_mode and batch_mode in modes else size(modes)
 
-    a_perm = tuple(a_rest.index(c) for c in batched + a_free + summed)
-    b_perm = tuple(b_rest.index(c) for c in batched + summed + b_free)
-    if product:
-        a_shape = (dim(batched), dim(a_free), 1)
-        b_shape = (dim(batched), 1, dim(b_free))
+    # Groups of modes each operand is brought to: (batched, free, summed) for a matmul (without
+    # the batched group when there is none); (batched, free, 1) against (batched, 1, free) for a
+    # broadcast product.
+    if batched:
+        a_groups, b_groups = [batched, a_free, summed], [batched, summed, b_free]
     else:
-        a_shape = (dim(batched), dim(a_free), dim(summed))
-        b_shape = (dim(batched), dim(summed), dim(b_free))
+        a_groups, b_groups = [a_free, summed], [summed, b_free]
+    if product:
+        a_groups[-1] = b_groups[-2] = ""
+    a_perm = _permutation(a_rest, "".join(a_groups))
+    b_perm = _permutation(b_rest, "".join(b_groups))
+    a_shape = _reshape(a_groups, dim)
+    b_shape = _reshape(b_groups, dim)
     order = batched + a_free + b_free
+    result_groups = [batched, a_free, b_free] if batched else [a_free, b_free]
     result_shape = tuple(-1 if c == batch_mode else sizes[c] for c in order) or (1,)
+    if all(len(g) == 1 for g in result_groups):
+        result_shape = ()
     a_sum_dims = tuple(a.index(c) for c in a_sum)
     b_sum_dims = tuple(b.index(c) for c in b_sum)
     # positions are filled in by the caller; (left, right) = (a, b) in this orientation
@@ -229,6 +245,20 @@ def _compile_oriented(
     )  # fmt: skip
     flops = 2 * nb * m * n * k
     return _Compiled(step, order, seconds, flops, size(order))
+
+
+def _permutation(current: str, target: str) -> tuple[int, ...]:
+    """Permutation taking modes ``current`` to ``target``; empty when it is the identity."""
+    perm = tuple(current.index(c) for c in target)
+    return () if perm == tuple(range(len(current))) else perm
+
+
+def _reshape(groups: Sequence[str], dim) -> tuple[int, ...]:
+    """Shape merging each group of modes into one dimension; empty when every group is one mode
+    already (no reshape needed)."""
+    if all(len(g) == 1 for g in groups):
+        return ()
+    return tuple(dim(g) for g in groups)
 
 
 def _legs(subset: int, terms: Sequence[str], output: str) -> frozenset[str]:
@@ -393,7 +423,25 @@ def plan_contraction(
     Returns
     -------
     ContractionPlan
+        Plans are immutable; identical requests share one (the search runs once per process).
     """
+    return _plan_cached(
+        equation,
+        tuple(tuple(int(n) for n in shape) for shape in shapes),
+        batch_mode,
+        max_weight_intermediate,
+        weight_modes,
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan_cached(
+    equation: str,
+    shapes: tuple[tuple[int, ...], ...],
+    batch_mode: str,
+    max_weight_intermediate: Optional[int],
+    weight_modes: str,
+) -> ContractionPlan:
     inputs, output = equation.split("->")
     terms = inputs.split(",")
     if len(terms) != len(shapes):

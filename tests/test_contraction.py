@@ -105,6 +105,7 @@ def test_plans_are_built_once_and_reused(factorization):
 
 
 def test_plan_execution_does_not_replan(monkeypatch):
+    contraction._plan_cached.cache_clear()
     layer = FactorizedLinear((4, 6), (6, 4), factorization="tucker", rank=0.3)
     x = torch.randn(10, 24)
     layer(x)
@@ -117,6 +118,15 @@ def test_plan_execution_does_not_replan(monkeypatch):
     layer.implementation = "reconstructed"
     with pytest.raises(AssertionError):  # first reconstruction plans once...
         layer(x)
+
+
+def test_identical_layers_share_plans():
+    first = FactorizedLinear((4, 6), (6, 4), factorization="cp", rank=0.3)
+    second = FactorizedLinear((4, 6), (6, 4), factorization="cp", rank=0.3)
+    x = torch.randn(10, 24)
+    first(x), second(x)
+    assert first.weight._plans.keys() == second.weight._plans.keys()
+    assert all(first.weight._plans[k] is second.weight._plans[k] for k in first.weight._plans)
 
 
 @given(batch=st.integers(1, 300))

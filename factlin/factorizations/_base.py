@@ -257,6 +257,14 @@ class FactorizedWeight(nn.Module, ABC):
         return state
 
 
+def parameter_list(parameters: nn.ParameterList) -> list[torch.Tensor]:
+    """The members of ``parameters`` as a list, without ``ParameterList``'s slow indexing (the
+    forward's hot path); the public iteration under ``torch.compile``, which traces it."""
+    if torch.compiler.is_compiling():
+        return list(parameters)
+    return list(parameters._parameters.values())
+
+
 def check_einsum_letters(needed: int, in_shape: Sequence[int], out_shape: Sequence[int]) -> None:
     """Raise when a tensorization has more modes than einsum has index letters."""
     if needed > len(EINSUM_LETTERS) - 1:

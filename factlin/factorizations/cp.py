@@ -17,7 +17,7 @@ from torch import nn
 
 from .._typing import RankSpec, Shape
 from ..rank import count_cp_params, resolve_cp_rank
-from ._base import FactorizedWeight, Signature, check_einsum_letters, letters
+from ._base import FactorizedWeight, Signature, check_einsum_letters, letters, parameter_list
 
 __all__ = ["CPWeight"]
 
@@ -71,7 +71,7 @@ class CPWeight(FactorizedWeight):
         return subscripts, layer, out, inp
 
     def _operands(self, layer: Optional[int]) -> list[torch.Tensor]:
-        factors = list(self.factors)
+        factors = parameter_list(self.factors)
         if layer is not None:
             factors[0] = factors[0][layer]
         return [self.weights, *factors]

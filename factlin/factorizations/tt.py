@@ -22,7 +22,7 @@ from torch import nn
 
 from .._typing import RankSpec, Shape
 from ..rank import count_tt_params, resolve_tt_ranks
-from ._base import FactorizedWeight, Signature, check_einsum_letters, letters
+from ._base import FactorizedWeight, Signature, check_einsum_letters, letters, parameter_list
 
 __all__ = ["TTWeight"]
 
@@ -92,7 +92,7 @@ class TTWeight(FactorizedWeight):
         return subscripts, layer, out_l, in_l
 
     def _operands(self, layer: Optional[int]) -> list[torch.Tensor]:
-        cores = list(self.cores)
+        cores = parameter_list(self.cores)
         last = len(cores) - 1
         if self.n_layers > 1:
             first = cores[0][0, layer, 0] if layer is not None else cores[0][0, :, 0]

@@ -19,7 +19,7 @@ from torch import nn
 
 from .._typing import RankSpec, Shape
 from ..rank import count_tucker_params, resolve_tucker_ranks
-from ._base import FactorizedWeight, Signature, check_einsum_letters, letters
+from ._base import FactorizedWeight, Signature, check_einsum_letters, letters, parameter_list
 
 __all__ = ["TuckerWeight"]
 
@@ -67,7 +67,7 @@ class TuckerWeight(FactorizedWeight):
         return subscripts, layer, out, modes[n_layer_modes + n_out :]
 
     def _operands(self, layer: Optional[int]) -> list[torch.Tensor]:
-        factors = list(self.factors)
+        factors = parameter_list(self.factors)
         if layer is not None:
             factors[0] = factors[0][layer]
         return [self.core, *factors]
