@@ -1,10 +1,12 @@
 """Contraction plans: a pairwise contraction order chosen once, compiled to matmuls, replayed.
 
 Planning picks the order in which the operands of an einsum equation are contracted two at a
-time, using a small time model of the CPU kernels involved (:func:`step_seconds`): FLOPs at a
-rate that drops for skinny matrix products, memory traffic, permutation copies and a fixed cost
-per kernel. Each pairwise step is then *compiled* to plain tensor operations (a permutation, a
-reshape, one ``matmul``, or a broadcast product when nothing is summed), with the layout of every
+time. Candidate orders come from an exhaustive search over operand subsets (small networks),
+from opt_einsum's dynamic programming and from a greedy pass; the winner is the fastest under a
+small time model of the CPU kernels involved (:func:`step_seconds`): FLOPs at a rate that drops
+for skinny matrix products, memory traffic, permutation copies and a fixed cost per step. Each
+pairwise step is then *compiled* to plain tensor operations (a permutation, a reshape, one
+``matmul``, or a broadcast product when nothing is summed), with the layout of every
 intermediate chosen so that most permutations are free views. Calling a plan only executes those
 operations: no parsing, no path search, no ``torch.einsum`` dispatch.
 
@@ -23,7 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
+import opt_einsum
 import torch
+from opt_einsum.paths import DynamicProgramming
 
 __all__ = [
     "ContractionPlan",
@@ -51,7 +55,7 @@ SECONDS_PER_PRODUCT_ELEMENT = 7e-10
 #: Seconds per element copied by a permuting ``reshape``.
 SECONDS_PER_COPIED_ELEMENT = 1.5e-9
 #: Fixed cost of one step (its few kernel launches plus the Python around them).
-SECONDS_PER_STEP = 1e-5
+SECONDS_PER_STEP = 2e-5
 #: Largest operand count searched exhaustively (3**n subset splits); beyond, a greedy order.
 _MAX_EXHAUSTIVE = 11
 
@@ -460,10 +464,44 @@ def _plan_cached(
             return False
         return math.prod(sizes[c] for c in legs) <= max_weight_intermediate
 
-    path = None
+    # Candidates: our exhaustive search (small networks), opt_einsum's dynamic programming on
+    # FLOPs and intermediate sizes, and a greedy fallback; the model's fastest allowed one wins.
+    candidates = []
     if len(terms) <= _MAX_EXHAUSTIVE:
-        path = _search_exhaustive(terms, output, sizes, batch_mode, allowed)
-    if path is None:
-        path = _search_greedy(terms, output, sizes, batch_mode, allowed)
-    steps, flops, largest, seconds = _compile_path(terms, output, sizes, batch_mode, path)
-    return ContractionPlan(equation, tuple(path), steps, flops, largest, seconds)
+        candidates.append(_search_exhaustive(terms, output, sizes, batch_mode, allowed))
+    candidates.append(_opt_einsum_path(equation, shapes))
+    candidates.append(_search_greedy(terms, output, sizes, batch_mode, allowed))
+    best = None
+    for path in candidates:
+        if path is None or not _respects(path, terms, output, allowed):
+            continue
+        compiled = _compile_path(terms, output, sizes, batch_mode, path)
+        if best is None or compiled[3] < best[1][3]:
+            best = (path, compiled)
+    if best is None:  # nothing respects the limits: the greedy order regardless
+        path = candidates[-1]
+        best = (path, _compile_path(terms, output, sizes, batch_mode, path))
+    path, (steps, flops, largest, seconds) = best
+    return ContractionPlan(equation, tuple(map(tuple, path)), steps, flops, largest, seconds)
+
+
+def _opt_einsum_path(
+    equation: str, shapes: Sequence[Sequence[int]]
+) -> Optional[list[tuple[int, int]]]:
+    """opt_einsum's order (dynamic programming on FLOPs plus intermediate sizes), pairwise."""
+    optimize = DynamicProgramming(minimize="combo") if len(shapes) <= 16 else "greedy"
+    path, _ = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimize)
+    if any(len(step) != 2 for step in path):
+        return None
+    return [(int(i), int(j)) for i, j in path]
+
+
+def _respects(path: Sequence[tuple[int, int]], terms: Sequence[str], output: str, allowed) -> bool:
+    """Whether every intermediate of ``path`` (but the result) is allowed."""
+    working = [1 << i for i in range(len(terms))]
+    for step, (i, j) in enumerate(path):
+        subset = working[i] | working[j]
+        if step < len(path) - 1 and not allowed(_legs(subset, terms, output)):
+            return False
+        working = [s for k, s in enumerate(working) if k not in (i, j)] + [subset]
+    return True

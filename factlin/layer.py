@@ -413,7 +413,7 @@ class FactorizedLinear(nn.Module):
     @property
     def weight_reference(self) -> torch.Tensor:
         """One of the weight's parameters (for dtype and device)."""
-        return next(iter(self.weight.parameters()))
+        return self.weight.parameter_tensors()[0]
 
     def _forward(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         bias = self.bias
@@ -439,7 +439,7 @@ class FactorizedLinear(nn.Module):
         """Layer ``layer``'s rebuilt matrix, from the inference cache when allowed."""
         if self._use_cache():
             return self._weight_cache.get(
-                layer, self.weight.parameters(), lambda: self.weight.to_matrix(layer)
+                layer, self.weight.parameter_tensors(), lambda: self.weight.to_matrix(layer)
             )
         return self.weight.to_matrix(layer)
 

@@ -131,6 +131,16 @@ class FactorizedWeight(nn.Module, ABC):
         layers = (self.n_layers,) if self.n_layers > 1 else ()
         return layers + self.out_shape + self.in_shape
 
+    def parameter_tensors(self) -> list[torch.Tensor]:
+        """The parameters, like ``list(self.parameters())`` without its module traversal (this
+        is on the forward's hot path: the inference cache stamps them on every call)."""
+        if torch.compiler.is_compiling():
+            return list(self.parameters())
+        tensors = [p for p in self._parameters.values() if p is not None]
+        for child in self._modules.values():
+            tensors.extend(p for p in child._parameters.values() if p is not None)
+        return tensors
+
     def num_parameters(self) -> int:
         """Number of scalars stored."""
         return sum(p.numel() for p in self.parameters())
