@@ -118,7 +118,8 @@ def run_steps(steps: Sequence, operands: Sequence[torch.Tensor]) -> torch.Tensor
     empty permutation or shape means the operand is already laid out as needed.
     """
     working = list(operands)
-    *pairwise, final = steps
+    *pairwise, (final_sum, final_perm, batch_at) = steps
+    batch = operands[batch_at[0]].shape[batch_at[1]] if batch_at else 0
     for left_at, right_at, left_sum, right_sum, left_perm, left_shape, right_perm, right_shape, \
             product, result_shape in pairwise:  # fmt: skip
         left, right = working[left_at], working[right_at]
@@ -131,18 +132,25 @@ def run_steps(steps: Sequence, operands: Sequence[torch.Tensor]) -> torch.Tensor
         if left_perm:
             left = left.permute(left_perm)
         if left_shape:
-            left = left.reshape(left_shape)
+            left = left.reshape(_sized(left_shape, batch) if batch_at else left_shape)
         if right_perm:
             right = right.permute(right_perm)
         if right_shape:
-            right = right.reshape(right_shape)
+            right = right.reshape(_sized(right_shape, batch) if batch_at else right_shape)
         result = left * right if product else torch.matmul(left, right)
-        working.append(result.reshape(result_shape) if result_shape else result)
+        if result_shape:
+            result = result.reshape(_sized(result_shape, batch) if batch_at else result_shape)
+        working.append(result)
     result = working[0]
-    final_sum, final_perm = final
     if final_sum:
         result = result.sum(final_sum)
     return result.permute(final_perm) if final_perm else result
+
+
+def _sized(shape: tuple[int, ...], batch: int) -> tuple[int, ...]:
+    """``shape`` with each ``-k`` replaced by ``batch * k`` (explicit sizes, no ``-1`` to infer,
+    so symbolic batch sizes under ``torch.export`` need no divisibility guards)."""
+    return tuple(batch * -n if n < 0 else n for n in shape)
 
 
 @dataclass(frozen=True)
@@ -220,7 +228,10 @@ def _compile_oriented(
         seconds += SECONDS_PER_COPIED_ELEMENT * size(b_rest)
 
     def dim(modes: str) -> int:
-        return -1 if batch_mode and batch_mode in modes else size(modes)
+        # -k stands for (batch size) * k: the batch size is read off the input at call time
+        if batch_mode and batch_mode in modes:
+            return -size(modes.replace(batch_mode, ""))
+        return size(modes)
 
     # Groups of modes each operand is brought to: (batched, free, summed) for a matmul (without
     # the batched group when there is none); (batched, free, 1) against (batched, 1, free) for a
@@ -237,7 +248,7 @@ def _compile_oriented(
     b_shape = _reshape(b_groups, dim)
     order = batched + a_free + b_free
     result_groups = [batched, a_free, b_free] if batched else [a_free, b_free]
-    result_shape = tuple(-1 if c == batch_mode else sizes[c] for c in order) or (1,)
+    result_shape = tuple(dim(c) for c in order) or (1,)
     if all(len(g) == 1 for g in result_groups):
         result_shape = ()
     a_sum_dims = tuple(a.index(c) for c in a_sum)
@@ -394,7 +405,9 @@ def _compile_path(
         final_perm = ()
     elif math.prod(sizes[c] for c in output) > 1:
         seconds += SECONDS_PER_COPIED_ELEMENT * math.prod(sizes[c] for c in output)
-    steps.append((final_sum, final_perm))
+    holders = [k for k, term in enumerate(terms) if batch_mode and batch_mode in term]
+    batch_at = (holders[0], terms[holders[0]].index(batch_mode)) if holders else ()
+    steps.append((final_sum, final_perm, batch_at))
     return tuple(steps), flops, largest, seconds
 
 
