@@ -96,7 +96,9 @@ class ContractionPlan:
     largest_intermediate : int
         Number of elements of the largest intermediate tensor at the planned shapes.
     seconds : float
-        Modelled time of one call at the planned shapes (see :func:`step_seconds`).
+        Modelled time of one call at the planned shapes on a CPU (see :func:`step_seconds`).
+    elements_written : int
+        Total number of elements of all intermediates and the result (memory traffic).
     """
 
     equation: str
@@ -105,6 +107,12 @@ class ContractionPlan:
     flops: int
     largest_intermediate: int
     seconds: float
+    elements_written: int = 0
+
+    @property
+    def n_steps(self) -> int:
+        """Number of pairwise contractions (each a few kernel launches)."""
+        return len(self.path)
 
     def __call__(self, *operands: torch.Tensor) -> torch.Tensor:
         """Run the contraction on ``operands`` (same number and order as ``equation``)."""
@@ -378,11 +386,12 @@ def _search_greedy(
 def _compile_path(
     terms: Sequence[str], output: str, sizes: dict[str, int], batch_mode: str,
     path: Sequence[tuple[int, int]],
-) -> tuple[tuple, int, int, float]:  # fmt: skip
-    """Compile ``path`` to steps; returns (steps, flops, largest intermediate, seconds)."""
+) -> tuple[tuple, int, int, float, int]:  # fmt: skip
+    """Compile ``path`` to steps; returns (steps, flops, largest intermediate, seconds,
+    elements written)."""
     working = [(1 << i, term) for i, term in enumerate(terms)]
     steps: list = []
-    flops = largest = 0
+    flops = largest = written = 0
     seconds = 0.0
     for i, j in path:
         (si, ti), (sj, tj) = working[i], working[j]
@@ -393,6 +402,7 @@ def _compile_path(
         steps.append(positions + compiled.step[2:])
         flops += compiled.flops
         largest = max(largest, compiled.size)
+        written += compiled.size
         seconds += compiled.seconds
         for position in sorted((i, j), reverse=True):
             del working[position]
@@ -408,7 +418,7 @@ def _compile_path(
     holders = [k for k, term in enumerate(terms) if batch_mode and batch_mode in term]
     batch_at = (holders[0], terms[holders[0]].index(batch_mode)) if holders else ()
     steps.append((final_sum, final_perm, batch_at))
-    return tuple(steps), flops, largest, seconds
+    return tuple(steps), flops, largest, seconds, written
 
 
 def plan_contraction(
@@ -467,8 +477,10 @@ def _plan_cached(
     for term, shape in zip(terms, shapes):
         sizes.update(zip(term, (int(n) for n in shape)))
     if len(terms) == 1:
-        steps, flops, largest, seconds = _compile_path(terms, output, sizes, batch_mode, [])
-        return ContractionPlan(equation, (), steps, flops, largest, seconds)
+        steps, flops, largest, seconds, written = _compile_path(
+            terms, output, sizes, batch_mode, []
+        )
+        return ContractionPlan(equation, (), steps, flops, largest, seconds, written)
 
     def allowed(legs: frozenset[str]) -> bool:
         if max_weight_intermediate is None or batch_mode in legs:
@@ -494,8 +506,9 @@ def _plan_cached(
     if best is None:  # nothing respects the limits: the greedy order regardless
         path = candidates[-1]
         best = (path, _compile_path(terms, output, sizes, batch_mode, path))
-    path, (steps, flops, largest, seconds) = best
-    return ContractionPlan(equation, tuple(map(tuple, path)), steps, flops, largest, seconds)
+    path, (steps, flops, largest, seconds, written) = best
+    path = tuple(map(tuple, path))
+    return ContractionPlan(equation, path, steps, flops, largest, seconds, written)
 
 
 def _opt_einsum_path(

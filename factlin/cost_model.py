@@ -2,33 +2,82 @@
 
 For a batch of ``B`` rows the two forwards cost
 
-* factorized: the planned contraction of the input with the factors, whose time the planner
-  models step by step (:func:`factlin.contraction.step_seconds`: FLOPs at a rate that drops for
-  skinny matrix products, memory traffic, permutation copies, a fixed cost per kernel);
+* factorized: the planned contraction of the input with the factors;
 * reconstructed: rebuilding the matrix (its own planned contraction) plus one dense
-  ``(B, in) @ (in, out)`` product, modelled by :func:`factlin.contraction.matmul_seconds`.
+  ``(B, in) @ (in, out)`` product.
 
 With gradients, backward costs about two forwards on each side (two products per forward
 product), so both sides are multiplied by 3. Without gradients and with the inference cache on,
 the rebuilt weight is reused, so the reconstructed side costs the dense product alone. The
 decision is made for the power-of-two bucket of ``B`` and cached per bucket by the layer.
+
+Time comes from one of two device profiles:
+
+* **CPU**: the planner's own step-by-step model (:func:`factlin.contraction.step_seconds`: FLOPs
+  at a rate that drops for skinny matrix products, memory traffic, permutation copies, a fixed
+  cost per step), fitted on this project's CPUs, and :func:`factlin.contraction.matmul_seconds`
+  for the dense product.
+* **GPU** (any non-CPU device): kernels are cheap and launches are not, so time is
+  ``steps * STEP + flops / RATE + bytes / BANDWIDTH`` with the constants of :data:`GPU`
+  (measured on an H200 through PyTorch: about 40 us per pairwise step of a plan, launches and
+  Python included).
 """
 
 from __future__ import annotations
 
-from .contraction import matmul_seconds
+from dataclasses import dataclass
+
+from .contraction import ContractionPlan, matmul_seconds
 from .factorizations import FactorizedWeight
 from .factorizations._base import batch_bucket
 
-__all__ = ["choose_implementation", "estimated_seconds", "dense_seconds"]
+__all__ = ["choose_implementation", "estimated_seconds", "dense_seconds", "GPU", "GPUProfile"]
 
 #: Forward + backward cost relative to a forward.
 _GRAD_PASSES = 3
 
 
-def dense_seconds(in_features: int, out_features: int, batch: int) -> float:
-    """Modelled time of ``F.linear`` on ``batch`` rows."""
-    return matmul_seconds(1, max(1, batch), out_features, in_features)
+@dataclass(frozen=True)
+class GPUProfile:
+    """Throughput constants of an accelerator (see the module docstring)."""
+
+    seconds_per_step: float
+    flops_per_second: float
+    bytes_per_second: float
+
+    def seconds(self, steps: int, flops: float, elements: float, itemsize: int) -> float:
+        return (
+            steps * self.seconds_per_step
+            + flops / self.flops_per_second
+            + elements * itemsize / self.bytes_per_second
+        )
+
+
+#: Default accelerator profile.
+GPU = GPUProfile(seconds_per_step=4e-5, flops_per_second=2e13, bytes_per_second=2e12)
+
+
+def _on_cpu(weight: FactorizedWeight) -> bool:
+    return weight.parameter_tensors()[0].device.type == "cpu"
+
+
+def _itemsize(weight: FactorizedWeight) -> int:
+    return weight.parameter_tensors()[0].element_size()
+
+
+def _plan_seconds(weight: FactorizedWeight, plan: ContractionPlan) -> float:
+    if _on_cpu(weight):
+        return plan.seconds
+    return GPU.seconds(plan.n_steps, plan.flops, plan.elements_written, _itemsize(weight))
+
+
+def dense_seconds(weight: FactorizedWeight, batch: int) -> float:
+    """Modelled time of ``F.linear`` with this weight's shape on ``batch`` rows."""
+    batch, n_in, n_out = max(1, batch), weight.in_features, weight.out_features
+    if _on_cpu(weight):
+        return matmul_seconds(1, batch, n_out, n_in)
+    elements = n_in * n_out + batch * (n_in + n_out)
+    return GPU.seconds(1, 2.0 * batch * n_in * n_out, elements, _itemsize(weight))
 
 
 def estimated_seconds(
@@ -36,12 +85,14 @@ def estimated_seconds(
 ) -> float:
     """Modelled time of one forward (with backward when ``grad``) at ``batch`` rows."""
     passes = _GRAD_PASSES if grad else 1
+    selected = weight.n_layers > 1
     if implementation == "factorized":
-        return passes * weight.contract_seconds(batch)
-    dense = dense_seconds(weight.in_features, weight.out_features, batch)
+        plan = weight._plan("contract", selected, batch_bucket(batch))
+        return passes * _plan_seconds(weight, plan)
+    dense = dense_seconds(weight, batch)
     if cached and not grad:
         return dense
-    return passes * (dense + weight.matrix_seconds())
+    return passes * (dense + _plan_seconds(weight, weight._plan("tensor", selected, 0)))
 
 
 def choose_implementation(weight: FactorizedWeight, batch: int, *, grad: bool, cached: bool) -> str:

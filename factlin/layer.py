@@ -124,7 +124,7 @@ class FactorizedLinear(nn.Module):
         self.inference_cache: bool = True
         self.decomposition_info: Optional[dict] = None
         self._weight_cache = WeightCache()
-        self._auto_choices: dict[tuple[int, bool, bool], str] = {}
+        self._auto_choices: dict[tuple[int, bool, bool, str], str] = {}
         self.weight: FactorizedWeight = weight_class(
             in_shape, out_shape, rank, self.n_layers, device=device, dtype=dtype
         )
@@ -449,12 +449,13 @@ class FactorizedLinear(nn.Module):
         batch = x.numel() // self.in_features if not torch.compiler.is_compiling() else 0
         grad = torch.is_grad_enabled()
         cached = self._use_cache()
-        return self._auto_choice(batch_bucket(batch), grad, cached)
+        device = x.device.type  # x is on the parameters' device (checked)
+        return self._auto_choice(batch_bucket(batch), grad, cached, device)
 
     @constant_under_compile
-    def _auto_choice(self, bucket: int, grad: bool, cached: bool) -> str:
+    def _auto_choice(self, bucket: int, grad: bool, cached: bool, device: str) -> str:
         """The cost model's choice, cached per key; outside the graph under ``torch.compile``."""
-        key = (bucket, grad, cached)
+        key = (bucket, grad, cached, device)
         choice = self._auto_choices.get(key)
         if choice is None:
             choice = choose_implementation(self.weight, bucket, grad=grad, cached=cached)

@@ -38,7 +38,7 @@ def test_auto_choice_cached_per_bucket_and_mode():
     with torch.no_grad():
         layer(torch.randn(3, 64))
     layer(torch.randn(4, 64))  # same bucket as 3
-    assert set(layer._auto_choices) == {(4, True, False), (4, False, True)}
+    assert set(layer._auto_choices) == {(4, True, False, "cpu"), (4, False, True, "cpu")}
 
 
 def test_cost_model_prefers_reconstructed_for_huge_batches_and_factorized_for_tiny_ranks():
@@ -141,3 +141,18 @@ def test_inference_cache_can_be_disabled_and_cleared():
     with torch.no_grad():
         layer(torch.randn(2, 16))
     assert len(layer._weight_cache) == 0
+
+
+def test_accelerator_profile_prefers_few_launches():
+    """On a GPU, launches dominate small problems: the cached dense product (one kernel) beats a
+    seven-step factorized plan in inference even where the plan needs far fewer FLOPs, which
+    the CPU model says the opposite about."""
+    from factlin import cost_model
+
+    layer = FactorizedLinear((8, 8, 12), (8, 8, 12), factorization="tucker", rank=0.05)
+    assert choose_implementation(layer.weight, 64, grad=False, cached=True) == "factorized"
+    plan = layer.weight._plan("contract", False, 64)
+    gpu_factorized = cost_model.GPU.seconds(plan.n_steps, plan.flops, plan.elements_written, 4)
+    gpu_dense = cost_model.GPU.seconds(1, 2 * 64 * 768 * 768, 768 * 768 + 64 * 1536, 4)
+    assert plan.n_steps == 7
+    assert gpu_dense < gpu_factorized
