@@ -26,6 +26,7 @@ from functools import partial
 import torch
 
 from factlin.decompositions import cp_als, tt_matrix_svd, tucker
+from factlin.factorizations import resolve_rank
 
 SHAPES = {768: (8, 8, 12), 3072: (8, 16, 24)}
 CP_ITERS, CP_TOL, TUCKER_ITERS = 100, 1e-8, 10
@@ -51,52 +52,6 @@ def weight(rows: int, cols: int, kind: str, seed: int = 0) -> torch.Tensor:
     v = torch.linalg.qr(torch.randn(cols, k, generator=g, dtype=torch.float64))[0]
     s = 1.0 / torch.arange(1, k + 1, dtype=torch.float64)
     return ((u * s) @ v.T).float()
-
-
-def cp_rank(shape: tuple[int, ...], budget: float) -> int:
-    return max(1, round(budget / (1 + sum(shape))))
-
-
-def tucker_params(shape: tuple[int, ...], ranks: tuple[int, ...]) -> int:
-    return math.prod(ranks) + sum(n * r for n, r in zip(shape, ranks))
-
-
-def tt_params(sizes: list[int], ranks: tuple[int, ...]) -> int:
-    return sum(ranks[k] * sizes[k] * ranks[k + 1] for k in range(len(sizes)))
-
-
-def tucker_ranks(shape: tuple[int, ...], budget: float) -> tuple[int, ...]:
-    def ranks(alpha: float) -> tuple[int, ...]:
-        return tuple(min(n, max(1, round(alpha * n))) for n in shape)
-
-    def params(r: tuple[int, ...]) -> int:
-        return tucker_params(shape, r)
-
-    lo, hi = 0.0, 1.0
-    for _ in range(40):  # bisection on the common fraction of every mode
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if params(ranks(mid)) < budget else (lo, mid)
-    return min((ranks(lo), ranks(hi)), key=lambda r: abs(params(r) - budget))
-
-
-def tt_ranks(sizes: list[int], budget: float) -> tuple[int, ...]:
-    total = math.prod(sizes)
-    full = (
-        [1]
-        + [min(math.prod(sizes[:k]), total // math.prod(sizes[:k])) for k in range(1, len(sizes))]
-        + [1]
-    )
-
-    def ranks(r: int) -> tuple[int, ...]:
-        return tuple(1 if k in (0, len(full) - 1) else min(r, f) for k, f in enumerate(full))
-
-    def params(rk: tuple[int, ...]) -> int:
-        return tt_params(sizes, rk)
-
-    r = 1
-    while params(ranks(r + 1)) <= budget and ranks(r + 1) != ranks(r):
-        r += 1
-    return min((ranks(r), ranks(r + 1)), key=lambda rk: abs(params(rk) - budget))
 
 
 def rel_error(approx: torch.Tensor, x: torch.Tensor) -> float:
@@ -185,23 +140,17 @@ def main() -> None:
         for kind in ("gaussian", "decaying"):
             x = weight(rows, cols, kind).reshape(shape)
             for fraction in fractions:
-                target = fraction * dense
-                tt_sizes = [o * i for o, i in zip(out_shape, in_shape)]
-                r = cp_rank(shape, target)
-                tr = tucker_ranks(shape, target)
-                br = tt_ranks(tt_sizes, target)
+                # the library's own rank solver, as FactorizedLinear would resolve `fraction`
+                r, cp_count = resolve_rank("cp", fraction, in_shape, out_shape)
+                tr, tucker_count = resolve_rank("tucker", fraction, in_shape, out_shape)
+                br, tt_count = resolve_rank("tt", fraction, in_shape, out_shape)
                 cases = [
-                    (
-                        "CP",
-                        str(r),
-                        r * (1 + sum(shape)),
-                        partial(run_cp, x, r, budget_s, tl_budget_s),
-                    ),
-                    ("Tucker", str(tr), tucker_params(shape, tr), partial(run_tucker, x, tr)),
+                    ("CP", str(r), cp_count, partial(run_cp, x, r, budget_s, tl_budget_s)),
+                    ("Tucker", str(tr), tucker_count, partial(run_tucker, x, tr)),
                     (
                         "TT",
                         str(br),
-                        tt_params(tt_sizes, br),
+                        tt_count,
                         partial(run_tt, x, out_shape, in_shape, br),
                     ),
                 ]

@@ -54,6 +54,8 @@ SECONDS_PER_ELEMENT = 2.1e-10
 SECONDS_PER_PRODUCT_ELEMENT = 7e-10
 #: Seconds per element copied by a permuting ``reshape``.
 SECONDS_PER_COPIED_ELEMENT = 1.5e-9
+#: Extra factor for a permuting copy whose innermost mode changes (strided reads or writes).
+_GATHER_PENALTY = 3.0
 #: Fixed cost of one step (its few kernel launches plus the Python around them).
 SECONDS_PER_STEP = 2e-5
 #: Largest operand count searched exhaustively (3**n subset splits); beyond, a greedy order.
@@ -186,14 +188,40 @@ def _is_view(order: str, groups: Sequence[str], sizes: dict[str, int]) -> bool:
     return True
 
 
+def copy_seconds(current: str, target: str, sizes: dict[str, int]) -> float:
+    """Modelled time of permuting a contiguous tensor with modes ``current`` into ``target``
+    order: free when nothing moves; cheaper when the innermost mode stays innermost (the copy
+    moves contiguous runs) than when it becomes strided (a gather)."""
+    moved = [c for c in current if sizes[c] > 1]
+    wanted = [c for c in target if sizes[c] > 1]
+    if moved == wanted:
+        return 0.0
+    elements = math.prod(sizes[c] for c in current)
+    runs_kept = bool(moved) and moved[-1] == wanted[-1]
+    return SECONDS_PER_COPIED_ELEMENT * elements * (1 if runs_kept else _GATHER_PENALTY)
+
+
 def step_seconds(
-    left: str, right: str, keep: frozenset[str], sizes: dict[str, int], batch_mode: str
+    left: str,
+    right: str,
+    keep: frozenset[str],
+    sizes: dict[str, int],
+    batch_mode: str,
+    final_order: Optional[str] = None,
 ) -> _Compiled:
     """Compile the contraction of tensors with (contiguous) modes ``left`` and ``right``,
-    keeping the modes in ``keep``; returns the cheaper orientation under the time model."""
+    keeping the modes in ``keep``; returns the cheaper orientation under the time model. With
+    ``final_order`` (the last step), the cost of permuting the result into it counts too."""
     best: Optional[_Compiled] = None
-    for a, b in ((left, right), (right, left)):
-        compiled = _compile_oriented(a, b, keep, sizes, batch_mode, swapped=a is not left)
+    for swapped in (False, True):
+        a, b = (right, left) if swapped else (left, right)
+        compiled = _compile_oriented(a, b, keep, sizes, batch_mode, swapped=swapped)
+        if final_order is not None:
+            extra = copy_seconds(compiled.order, final_order, sizes)
+            compiled = _Compiled(
+                compiled.step, compiled.order, compiled.seconds + extra, compiled.flops,
+                compiled.size,
+            )  # fmt: skip
         if best is None or compiled.seconds < best.seconds:
             best = compiled
     assert best is not None
@@ -231,9 +259,9 @@ def _compile_oriented(
     a_groups = (batched, a_free, summed) if not product else (batched, a_free)
     b_groups = (batched, summed, b_free) if not product else (batched, b_free)
     if not _is_view(a_rest, a_groups, sizes):
-        seconds += SECONDS_PER_COPIED_ELEMENT * size(a_rest)
+        seconds += copy_seconds(a_rest, "".join(a_groups), sizes)
     if not _is_view(b_rest, b_groups, sizes):
-        seconds += SECONDS_PER_COPIED_ELEMENT * size(b_rest)
+        seconds += copy_seconds(b_rest, "".join(b_groups), sizes)
 
     def dim(modes: str) -> int:
         # -k stands for (batch size) * k: the batch size is read off the input at call time
@@ -321,10 +349,9 @@ def _search_exhaustive(
                 if part in best and rest in best:
                     left, right = best[part], best[rest]
                     if set(left[1]) & set(right[1]):
-                        compiled = step_seconds(left[1], right[1], legs, sizes, batch_mode)
+                        final = output if subset == full else None
+                        compiled = step_seconds(left[1], right[1], legs, sizes, batch_mode, final)
                         seconds = left[0] + right[0] + compiled.seconds
-                        if subset == full and compiled.order != output:
-                            seconds += SECONDS_PER_COPIED_ELEMENT * compiled.size
                         if candidate is None or seconds < candidate[0]:
                             candidate = (seconds, compiled.order, (part, rest))
             part = (part - 1) & subset
@@ -393,10 +420,11 @@ def _compile_path(
     steps: list = []
     flops = largest = written = 0
     seconds = 0.0
-    for i, j in path:
+    for step_index, (i, j) in enumerate(path):
         (si, ti), (sj, tj) = working[i], working[j]
         legs = _legs(si | sj, terms, output)
-        compiled = step_seconds(ti, tj, legs, sizes, batch_mode)
+        last = step_index == len(path) - 1
+        compiled = step_seconds(ti, tj, legs, sizes, batch_mode, output if last else None)
         left_is_i = compiled.step[0] == 0
         positions = (i, j) if left_is_i else (j, i)
         steps.append(positions + compiled.step[2:])
@@ -413,8 +441,8 @@ def _compile_path(
     final_perm = tuple(remaining.index(c) for c in output)
     if final_perm == tuple(range(len(output))):
         final_perm = ()
-    elif math.prod(sizes[c] for c in output) > 1:
-        seconds += SECONDS_PER_COPIED_ELEMENT * math.prod(sizes[c] for c in output)
+    elif not path:  # a lone operand: its permutation is not part of any step's cost
+        seconds += copy_seconds(remaining, output, sizes)
     holders = [k for k, term in enumerate(terms) if batch_mode and batch_mode in term]
     batch_at = (holders[0], terms[holders[0]].index(batch_mode)) if holders else ()
     steps.append((final_sum, final_perm, batch_at))
