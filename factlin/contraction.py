@@ -127,9 +127,14 @@ def run_steps(steps: Sequence, operands: Sequence[torch.Tensor]) -> torch.Tensor
     Plain constants in, so ``torch.compile`` traces it without a plan object in the graph. An
     empty permutation or shape means the operand is already laid out as needed.
     """
-    working = list(operands)
-    *pairwise, (final_sum, final_perm, batch_at) = steps
+    *pairwise, (final_sum, final_perm, batch_at, squeeze, unsqueeze) = steps
     batch = operands[batch_at[0]].shape[batch_at[1]] if batch_at else 0
+    working = list(operands)
+    if squeeze:  # drop size-1 modes (views)
+        working = [
+            w.reshape(_sized(shape, batch) if batch_at else shape) if shape != () else w
+            for w, shape in zip(working, squeeze)
+        ]
     for left_at, right_at, left_sum, right_sum, left_perm, left_shape, right_perm, right_shape, \
             product, result_shape in pairwise:  # fmt: skip
         left, right = working[left_at], working[right_at]
@@ -154,7 +159,11 @@ def run_steps(steps: Sequence, operands: Sequence[torch.Tensor]) -> torch.Tensor
     result = working[0]
     if final_sum:
         result = result.sum(final_sum)
-    return result.permute(final_perm) if final_perm else result
+    if final_perm:
+        result = result.permute(final_perm)
+    if unsqueeze:  # put the size-1 modes back (a view)
+        result = result.reshape(_sized(unsqueeze, batch) if batch_at else unsqueeze)
+    return result
 
 
 def _sized(shape: tuple[int, ...], batch: int) -> tuple[int, ...]:
@@ -443,9 +452,7 @@ def _compile_path(
         final_perm = ()
     elif not path:  # a lone operand: its permutation is not part of any step's cost
         seconds += copy_seconds(remaining, output, sizes)
-    holders = [k for k, term in enumerate(terms) if batch_mode and batch_mode in term]
-    batch_at = (holders[0], terms[holders[0]].index(batch_mode)) if holders else ()
-    steps.append((final_sum, final_perm, batch_at))
+    steps.append((final_sum, final_perm, _batch_at(terms, batch_mode), (), ()))
     return tuple(steps), flops, largest, seconds, written
 
 
@@ -501,6 +508,18 @@ def _plan_cached(
     terms = inputs.split(",")
     if len(terms) != len(shapes):
         raise ValueError(f"equation {equation!r} has {len(terms)} operands, got {len(shapes)}")
+    squeezed = _squeezed(terms, output, shapes, batch_mode)
+    if squeezed is not None:
+        inner_equation, inner_shapes, views, output_shape = squeezed
+        inner = _plan_cached(
+            inner_equation, inner_shapes, batch_mode, max_weight_intermediate, weight_modes
+        )
+        *pairwise, (final_sum, final_perm, _, _, _) = inner.steps
+        final = (final_sum, final_perm, _batch_at(terms, batch_mode), views, output_shape)
+        return ContractionPlan(
+            equation, inner.path, (*pairwise, final), inner.flops,
+            inner.largest_intermediate, inner.seconds, inner.elements_written,
+        )  # fmt: skip
     sizes: dict[str, int] = {}
     for term, shape in zip(terms, shapes):
         sizes.update(zip(term, (int(n) for n in shape)))
@@ -539,12 +558,49 @@ def _plan_cached(
     return ContractionPlan(equation, path, steps, flops, largest, seconds, written)
 
 
+def _batch_at(terms: Sequence[str], batch_mode: str) -> tuple[int, ...]:
+    """(operand, axis) of the first operand holding ``batch_mode``; empty if none does."""
+    holders = [k for k, term in enumerate(terms) if batch_mode and batch_mode in term]
+    return (holders[0], terms[holders[0]].index(batch_mode)) if holders else ()
+
+
+def _squeezed(
+    terms: Sequence[str], output: str, shapes: Sequence[tuple[int, ...]], batch_mode: str
+) -> Optional[tuple[str, tuple, tuple, tuple]]:
+    """Without its size-1 modes (other than the batch mode), the equation, the shapes, the
+    shapes each operand is viewed as (``()`` when unchanged; ``-1`` for the batch) and the
+    output's full shape; ``None`` when there is no size-1 mode. Planning without them keeps
+    every reshape of the plan free of unit dimensions, whose arbitrary strides make symbolic
+    shape reasoning (``torch.export``) emit guards it cannot prove on some torch versions."""
+    sizes: dict[str, int] = {}
+    for term, shape in zip(terms, shapes):
+        sizes.update(zip(term, shape))
+    unit = {c for c, n in sizes.items() if n == 1 and c != batch_mode}
+    if not unit:
+        return None
+
+    def drop(term: str) -> str:
+        return "".join(c for c in term if c not in unit)
+
+    def shape_of(term: str) -> tuple[int, ...]:
+        return tuple(-1 if c == batch_mode else sizes[c] for c in term)
+
+    new_terms = [drop(t) for t in terms]
+    equation = ",".join(new_terms) + "->" + drop(output)
+    new_shapes = tuple(tuple(sizes[c] for c in t) for t in new_terms)
+    views = tuple(shape_of(n) if n != t else () for t, n in zip(terms, new_terms))
+    return equation, new_shapes, views, shape_of(output)
+
+
 def _opt_einsum_path(
     equation: str, shapes: Sequence[Sequence[int]]
 ) -> Optional[list[tuple[int, int]]]:
     """opt_einsum's order (dynamic programming on FLOPs plus intermediate sizes), pairwise."""
     optimize = DynamicProgramming(minimize="combo") if len(shapes) <= 16 else "greedy"
-    path, _ = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimize)
+    try:
+        path, _ = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimize)
+    except (ValueError, TypeError):  # e.g. scalar operands opt_einsum does not take
+        return None
     if any(len(step) != 2 for step in path):
         return None
     return [(int(i), int(j)) for i, j in path]
