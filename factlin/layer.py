@@ -405,22 +405,37 @@ class FactorizedLinear(nn.Module):
             ``in_features``, or ``indices`` is not an int in ``[0, n_layers)``.
         """
         layer = check_layer_index("indices", indices, self.n_layers)
-        check_input(x, self.in_features, self.weight_reference)
+        parameters = self.weight.parameter_tensors()
+        check_input(x, self.in_features, parameters[0])
         if self.checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(self._forward, x, layer, use_reentrant=False)
-        return self._forward(x, layer)
+        return self._forward(x, layer, parameters)
 
     @property
     def weight_reference(self) -> torch.Tensor:
         """One of the weight's parameters (for dtype and device)."""
         return self.weight.parameter_tensors()[0]
 
-    def _forward(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+    def _forward(
+        self, x: torch.Tensor, layer: int, parameters: Optional[list[torch.Tensor]] = None
+    ) -> torch.Tensor:
         bias = self.bias
         if bias is not None and self.n_layers > 1:
             bias = bias[layer]
-        if self._resolve_implementation(x) == "reconstructed":
-            return F.linear(x, self._matrix(layer), bias)
+        use_cache = self._use_cache()
+        implementation = self._implementation
+        if implementation == "auto":
+            implementation = self._resolve_auto(x, use_cache)
+        if implementation == "reconstructed":
+            if use_cache:
+                if parameters is None:
+                    parameters = self.weight.parameter_tensors()
+                matrix = self._weight_cache.get(
+                    layer, parameters, lambda: self.weight.to_matrix(layer)
+                )
+            else:
+                matrix = self.weight.to_matrix(layer)
+            return F.linear(x, matrix, bias)
         # (*, in) -> (batch, in) -> (batch, out) -> (*, out)
         y = self.weight.contract(x.reshape(-1, self.in_features), layer)
         y = y.reshape(*x.shape[:-1], self.out_features)
@@ -435,20 +450,10 @@ class FactorizedLinear(nn.Module):
             and not torch.jit.is_tracing()
         )
 
-    def _matrix(self, layer: int) -> torch.Tensor:
-        """Layer ``layer``'s rebuilt matrix, from the inference cache when allowed."""
-        if self._use_cache():
-            return self._weight_cache.get(
-                layer, self.weight.parameter_tensors(), lambda: self.weight.to_matrix(layer)
-            )
-        return self.weight.to_matrix(layer)
-
-    def _resolve_implementation(self, x: torch.Tensor) -> str:
-        if self._implementation != "auto":
-            return self._implementation
+    def _resolve_auto(self, x: torch.Tensor, cached: bool) -> str:
+        """What ``'auto'`` runs for ``x``: the cost model's choice for its batch bucket."""
         batch = x.numel() // self.in_features if not torch.compiler.is_compiling() else 0
         grad = torch.is_grad_enabled()
-        cached = self._use_cache()
         device = x.device.type  # x is on the parameters' device (checked)
         return self._auto_choice(batch_bucket(batch), grad, cached, device)
 
