@@ -221,7 +221,7 @@ def step_seconds(
     """Compile the contraction of tensors with (contiguous) modes ``left`` and ``right``,
     keeping the modes in ``keep``; returns the cheaper orientation under the time model. With
     ``final_order`` (the last step), the cost of permuting the result into it counts too."""
-    best: Optional[_Compiled] = None
+    options = []
     for swapped in (False, True):
         a, b = (right, left) if swapped else (left, right)
         compiled = _compile_oriented(a, b, keep, sizes, batch_mode, swapped=swapped)
@@ -231,10 +231,8 @@ def step_seconds(
                 compiled.step, compiled.order, compiled.seconds + extra, compiled.flops,
                 compiled.size,
             )  # fmt: skip
-        if best is None or compiled.seconds < best.seconds:
-            best = compiled
-    assert best is not None
-    return best
+        options.append(compiled)
+    return min(options, key=lambda compiled: compiled.seconds)
 
 
 def _compile_oriented(

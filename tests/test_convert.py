@@ -17,14 +17,6 @@ from factlin.rank import count_tucker_params
 FAST = {"cp": {"n_iter_max": 2}, "tucker": {"n_iter_max": 2}, "tt": {}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

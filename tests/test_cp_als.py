@@ -15,16 +15,6 @@ from factlin.decompositions import CPDecomposition, cp_als, cp_to_tensor
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: with 2 threads, OpenMP spin-waits on a loaded 2-core machine can
-    make each small op ~100x slower, so this module runs single-threaded."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def random_factors(shape, rank, seed, dtype=F64):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(n, rank, generator=g, dtype=dtype) for n in shape]

@@ -14,15 +14,6 @@ from factlin.decompositions import TTDecomposition, tt_matrix_svd, tt_matrix_to_
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: avoid OpenMP spin-wait slowdowns on a loaded 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def gaussian(shape, seed, dtype=F64):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
