@@ -18,6 +18,7 @@ reshape, so one plan serves every batch size of its bucket.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import string
@@ -227,10 +228,7 @@ def step_seconds(
         compiled = _compile_oriented(a, b, keep, sizes, batch_mode, swapped=swapped)
         if final_order is not None:
             extra = copy_seconds(compiled.order, final_order, sizes)
-            compiled = _Compiled(
-                compiled.step, compiled.order, compiled.seconds + extra, compiled.flops,
-                compiled.size,
-            )  # fmt: skip
+            compiled = dataclasses.replace(compiled, seconds=compiled.seconds + extra)
         options.append(compiled)
     return min(options, key=lambda compiled: compiled.seconds)
 
@@ -339,12 +337,10 @@ def _search_exhaustive(
     best: dict[int, tuple[float, str, Optional[tuple[int, int]]]] = {
         1 << i: (0.0, term, None) for i, term in enumerate(terms)
     }
-    legs_of = {}
     for subset in sorted(range(1, full + 1), key=lambda s: bin(s).count("1")):
         if subset in best:
             continue
         legs = _legs(subset, terms, output)
-        legs_of[subset] = legs
         if subset != full and not allowed(legs):
             continue
         low = subset & -subset

@@ -137,3 +137,24 @@ def test_cached_plan_result_equals_uncached(batch):
     layer.weight._plans.clear()
     torch.testing.assert_close(layer(x), cached, rtol=0, atol=0)
     torch.testing.assert_close(cached, x @ layer.weight.to_matrix().T + layer.bias)
+
+
+def test_copy_model_prefers_keeping_contiguous_runs():
+    sizes = {"a": 8, "b": 8, "c": 12, "d": 8, "e": 8, "f": 12, "u": 1}
+    assert contraction.copy_seconds("abcdef", "abcdef", sizes) == 0
+    assert contraction.copy_seconds("aubc", "abuc", sizes) == 0  # only a size-1 mode moves
+    kept = contraction.copy_seconds("adbecf", "abcdef", sizes)  # f stays innermost
+    gathered = contraction.copy_seconds("cfadbe", "abcdef", sizes)  # f becomes strided
+    assert 0 < kept < gathered
+
+
+def test_tt_rebuild_ends_with_a_run_keeping_permutation():
+    """A TT-matrix rebuild must interleave (out, in) pairs into (outs, ins): the planner orients
+    the last product so that the innermost mode stays innermost in that final copy."""
+    layer = FactorizedLinear((8, 8, 12), (8, 8, 12), factorization="tt", rank=0.05)
+    plan = layer.weight._plan("tensor", False, 0)
+    final_perm = plan.steps[-1][1]
+    assert final_perm and final_perm[-1] == len(final_perm) - 1
+    torch.testing.assert_close(
+        layer.weight.to_tensor(), torch.einsum(plan.equation, *layer.weight._operands(None))
+    )
