@@ -2,9 +2,10 @@
 
 Planning picks the order in which the operands of an einsum equation are contracted two at a
 time. Candidate orders come from an exhaustive search over operand subsets (small networks),
-from opt_einsum's dynamic programming and from a greedy pass; the winner is the fastest under a
-small time model of the CPU kernels involved (:func:`step_seconds`): FLOPs at a rate that drops
-for skinny matrix products, memory traffic, permutation copies and a fixed cost per step. Each
+from opt_einsum's searches (dynamic programming; random-greedy for larger networks) and from a
+greedy pass; the winner is the fastest under a small time model of the CPU kernels involved
+(:func:`step_seconds`): FLOPs at a rate that drops for skinny matrix products, memory traffic,
+permutation copies and a fixed cost per step. Each
 pairwise step is then *compiled* to plain tensor operations (a permutation, a reshape, one
 ``matmul``, or a broadcast product when nothing is summed), with the layout of every
 intermediate chosen so that most permutations are free views. Calling a plan only executes those
@@ -21,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import random
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,8 +61,13 @@ SECONDS_PER_COPIED_ELEMENT = 1.5e-9
 _GATHER_PENALTY = 3.0
 #: Fixed cost of one step (its few kernel launches plus the Python around them).
 SECONDS_PER_STEP = 2e-5
-#: Largest operand count searched exhaustively (3**n subset splits); beyond, a greedy order.
-_MAX_EXHAUSTIVE = 11
+#: Largest operand count searched exhaustively by :func:`_search_exhaustive` (3**n splits).
+_MAX_EXHAUSTIVE = 8
+#: Largest operand count given to opt_einsum's dynamic programming (fully connected networks,
+#: CP's, make it explode beyond: 2 s at 12 operands, 30 s at 14).
+_MAX_DYNAMIC_PROGRAMMING = 10
+#: Trials of opt_einsum's random-greedy search for larger networks (seeded, so deterministic).
+_RANDOM_GREEDY_REPEATS = 128
 
 
 def matmul_seconds(batch: int, m: int, n: int, k: int) -> float:
@@ -530,12 +537,12 @@ def _plan_cached(
             return False
         return math.prod(sizes[c] for c in legs) <= max_weight_intermediate
 
-    # Candidates: our exhaustive search (small networks), opt_einsum's dynamic programming on
-    # FLOPs and intermediate sizes, and a greedy fallback; the model's fastest allowed one wins.
+    # Candidates: our exhaustive search (small networks), opt_einsum's searches, and a greedy
+    # fallback; the fastest under the time model whose intermediates are allowed wins.
     candidates = []
     if len(terms) <= _MAX_EXHAUSTIVE:
         candidates.append(_search_exhaustive(terms, output, sizes, batch_mode, allowed))
-    candidates.append(_opt_einsum_path(equation, shapes))
+    candidates.extend(_opt_einsum_paths(equation, shapes))
     candidates.append(_search_greedy(terms, output, sizes, batch_mode, allowed))
     best = None
     for path in candidates:
@@ -586,18 +593,33 @@ def _squeezed(
     return equation, new_shapes, views, shape_of(output)
 
 
-def _opt_einsum_path(
+def _opt_einsum_paths(
     equation: str, shapes: Sequence[Sequence[int]]
-) -> Optional[list[tuple[int, int]]]:
-    """opt_einsum's order (dynamic programming on FLOPs plus intermediate sizes), pairwise."""
-    optimize = DynamicProgramming(minimize="combo") if len(shapes) <= 16 else "greedy"
+) -> list[Optional[list[tuple[int, int]]]]:
+    """opt_einsum's orders, pairwise: its dynamic programming on FLOPs plus intermediate sizes
+    for small networks; for larger ones, where that search explodes (a CP weight is one
+    hyperedge joining every factor), its seeded random-greedy and branch searches."""
+    optimizers: list = []
+    if len(shapes) <= _MAX_DYNAMIC_PROGRAMMING:
+        optimizers.append(DynamicProgramming(minimize="combo"))
+    if len(shapes) > _MAX_EXHAUSTIVE:
+        optimizers += [opt_einsum.RandomGreedy(max_repeats=_RANDOM_GREEDY_REPEATS), "branch-2"]
+    state = random.getstate()  # random-greedy seeds Python's generator with its trial numbers
     try:
-        path, _ = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimize)
-    except (ValueError, TypeError):  # e.g. scalar operands opt_einsum does not take
-        return None
-    if any(len(step) != 2 for step in path):
-        return None
-    return [(int(i), int(j)) for i, j in path]
+        paths = []
+        for optimize in optimizers:
+            try:
+                path, _ = opt_einsum.contract_path(
+                    equation, *shapes, shapes=True, optimize=optimize
+                )
+            except (ValueError, TypeError):  # e.g. scalar operands opt_einsum does not take
+                paths.append(None)
+                continue
+            pairwise = all(len(step) == 2 for step in path)
+            paths.append([(int(i), int(j)) for i, j in path] if pairwise else None)
+        return paths
+    finally:
+        random.setstate(state)
 
 
 def _respects(path: Sequence[tuple[int, int]], terms: Sequence[str], output: str, allowed) -> bool:

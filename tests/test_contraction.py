@@ -158,3 +158,24 @@ def test_tt_rebuild_ends_with_a_run_keeping_permutation():
     torch.testing.assert_close(
         layer.weight.to_tensor(), torch.einsum(plan.equation, *layer.weight._operands(None))
     )
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker"])
+def test_many_modes_plan_with_larger_searches_and_leave_random_alone(factorization):
+    """Five modes per side is past the exhaustive search: opt_einsum's seeded random-greedy
+    search takes over; it must not disturb Python's global random generator, and its plan
+    must compute the right thing."""
+    import random
+
+    contraction._plan_cached.cache_clear()
+    random.seed(1234)
+    expected = random.random()
+    random.seed(1234)
+    layer = FactorizedLinear(
+        (2, 2, 3, 2, 2), (2, 3, 2, 2, 2), factorization=factorization, rank=0.3,
+        dtype=torch.float64,
+    )  # fmt: skip
+    x = torch.randn(7, layer.in_features, dtype=torch.float64)
+    y = layer(x)
+    assert random.random() == expected
+    torch.testing.assert_close(y, x @ layer.weight.to_matrix().T + layer.bias)
