@@ -8,14 +8,14 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 
 .PHONY: test demo bench lint clean
 
+# The tests include a quick run of the demo, so they need the demo extra too.
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install "$(TORCH)"
-	$(PIP) install -e ".[test]"
+	$(PIP) install -e ".[test,demo]"
 	touch $@
 
 $(VENV)/.demo: $(VENV)/.base
-	$(PIP) install -e ".[test,demo]"
 	touch $@
 
 $(VENV)/.lint: $(VENV)/.base

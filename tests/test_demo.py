@@ -8,7 +8,11 @@ import time
 import pytest
 import torch
 
-from factlin.demo import (
+# The demo's data set and plot come from the `demo` extra (`make test` installs it).
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+from factlin.demo import (  # noqa: E402
     FACTORIZATIONS,
     QUICK,
     median_seconds,
