@@ -439,7 +439,8 @@ class FactorizedLinear(nn.Module):
         # (*, in) -> (batch, in) -> (batch, out) -> (*, out)
         y = self.weight.contract(x.reshape(-1, self.in_features), layer)
         y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if bias is None else y + bias
+        # In place: y is the plan's fresh result, which no backward needs (saves one buffer).
+        return y if bias is None else y.add_(bias)
 
     def _use_cache(self) -> bool:
         # Never while tracing: a traced graph would hold the cached matrix as a constant.
