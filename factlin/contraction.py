@@ -25,7 +25,7 @@ import math
 import random
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import opt_einsum
@@ -66,6 +66,8 @@ _MAX_EXHAUSTIVE = 8
 #: Largest operand count given to opt_einsum's dynamic programming (fully connected networks,
 #: CP's, make it explode beyond: 2 s at 12 operands, 30 s at 14).
 _MAX_DYNAMIC_PROGRAMMING = 10
+#: Batch sizes whose resolved reshape targets a plan keeps (then it starts over).
+_MAX_SIZED_BATCHES = 64
 #: Trials of opt_einsum's random-greedy search for larger networks (seeded, so deterministic).
 _RANDOM_GREEDY_REPEATS = 128
 
@@ -118,6 +120,8 @@ class ContractionPlan:
     largest_intermediate: int
     seconds: float
     elements_written: int = 0
+    #: Reshape targets per batch size seen (eager calls only; see :func:`_resolve_shapes`).
+    _shapes_by_batch: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def n_steps(self) -> int:
@@ -126,25 +130,55 @@ class ContractionPlan:
 
     def __call__(self, *operands: torch.Tensor) -> torch.Tensor:
         """Run the contraction on ``operands`` (same number and order as ``equation``)."""
-        return run_steps(self.steps, operands)
+        batch_at = self.steps[-1][2]
+        batch = operands[batch_at[0]].shape[batch_at[1]] if batch_at else 0
+        shapes = self._shapes_by_batch.get(batch)
+        if shapes is None:
+            if len(self._shapes_by_batch) >= _MAX_SIZED_BATCHES:
+                self._shapes_by_batch.clear()
+            shapes = self._shapes_by_batch[batch] = _resolve_shapes(self.steps, batch)
+        return run_steps(self.steps, operands, shapes)
 
 
-def run_steps(steps: Sequence, operands: Sequence[torch.Tensor]) -> torch.Tensor:
+def _sized(shape: tuple[int, ...], batch: int) -> tuple[int, ...]:
+    """``shape`` with each ``-k`` replaced by ``batch * k`` (explicit sizes, no ``-1`` to infer,
+    so symbolic batch sizes under ``torch.export`` need no divisibility guards)."""
+    return tuple(batch * -n if n < 0 else n for n in shape)
+
+
+def _resolve_shapes(steps: Sequence, batch: int) -> tuple:
+    """Every reshape target of ``steps`` for a batch of ``batch`` rows: the operands' views,
+    then (left, right, result) per step, then the output's view (``()``: no reshape)."""
+    *pairwise, (_, _, _, squeeze, unsqueeze) = steps
+    return (
+        tuple(_sized(shape, batch) for shape in squeeze),
+        tuple(
+            (_sized(step[5], batch), _sized(step[7], batch), _sized(step[9], batch))
+            for step in pairwise
+        ),
+        _sized(unsqueeze, batch),
+    )
+
+
+def run_steps(
+    steps: Sequence, operands: Sequence[torch.Tensor], shapes: Optional[tuple] = None
+) -> torch.Tensor:
     """Execute compiled ``steps`` (see :class:`ContractionPlan`) on ``operands``.
 
     Plain constants in, so ``torch.compile`` traces it without a plan object in the graph. An
-    empty permutation or shape means the operand is already laid out as needed.
+    empty permutation or shape means the operand is already laid out as needed. ``shapes``:
+    the reshape targets for this batch size (:func:`_resolve_shapes`), computed if not given.
     """
-    *pairwise, (final_sum, final_perm, batch_at, squeeze, unsqueeze) = steps
-    batch = operands[batch_at[0]].shape[batch_at[1]] if batch_at else 0
+    *pairwise, (final_sum, final_perm, batch_at, _, _) = steps
+    if shapes is None:
+        batch = operands[batch_at[0]].shape[batch_at[1]] if batch_at else 0
+        shapes = _resolve_shapes(steps, batch)
+    squeeze, step_shapes, unsqueeze = shapes
     working = list(operands)
     if squeeze:  # drop size-1 modes (views)
-        working = [
-            w.reshape(_sized(shape, batch) if batch_at else shape) if shape != () else w
-            for w, shape in zip(working, squeeze)
-        ]
-    for left_at, right_at, left_sum, right_sum, left_perm, left_shape, right_perm, right_shape, \
-            product, result_shape in pairwise:  # fmt: skip
+        working = [w.reshape(shape) if shape else w for w, shape in zip(working, squeeze)]
+    for step, (left_shape, right_shape, result_shape) in zip(pairwise, step_shapes):
+        left_at, right_at, left_sum, right_sum, left_perm, _, right_perm, _, product, _ = step
         left, right = working[left_at], working[right_at]
         del working[max(left_at, right_at)]
         del working[min(left_at, right_at)]
@@ -155,29 +189,21 @@ def run_steps(steps: Sequence, operands: Sequence[torch.Tensor]) -> torch.Tensor
         if left_perm:
             left = left.permute(left_perm)
         if left_shape:
-            left = left.reshape(_sized(left_shape, batch) if batch_at else left_shape)
+            left = left.reshape(left_shape)
         if right_perm:
             right = right.permute(right_perm)
         if right_shape:
-            right = right.reshape(_sized(right_shape, batch) if batch_at else right_shape)
+            right = right.reshape(right_shape)
         result = left * right if product else torch.matmul(left, right)
-        if result_shape:
-            result = result.reshape(_sized(result_shape, batch) if batch_at else result_shape)
-        working.append(result)
+        working.append(result.reshape(result_shape) if result_shape else result)
     result = working[0]
     if final_sum:
         result = result.sum(final_sum)
     if final_perm:
         result = result.permute(final_perm)
     if unsqueeze:  # put the size-1 modes back (a view)
-        result = result.reshape(_sized(unsqueeze, batch) if batch_at else unsqueeze)
+        result = result.reshape(unsqueeze)
     return result
-
-
-def _sized(shape: tuple[int, ...], batch: int) -> tuple[int, ...]:
-    """``shape`` with each ``-k`` replaced by ``batch * k`` (explicit sizes, no ``-1`` to infer,
-    so symbolic batch sizes under ``torch.export`` need no divisibility guards)."""
-    return tuple(batch * -n if n < 0 else n for n in shape)
 
 
 @dataclass(frozen=True)
