@@ -179,3 +179,14 @@ def test_many_modes_plan_with_larger_searches_and_leave_random_alone(factorizati
     y = layer(x)
     assert random.random() == expected
     torch.testing.assert_close(y, x @ layer.weight.to_matrix().T + layer.bias)
+
+
+def test_resolved_shapes_are_kept_per_batch_size_and_bounded():
+    plan = plan_contraction("zab,ar,br->zr", [(4, 2, 3), (2, 5), (3, 5)], batch_mode="z")
+    factors = [torch.randn(2, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)]
+    for rows in range(1, 80):
+        x = torch.randn(rows, 2, 3, dtype=torch.float64)
+        expected = torch.einsum("zab,ar,br->zr", x, *factors)
+        torch.testing.assert_close(plan(x, *factors), expected)
+        assert rows in plan._shapes_by_batch
+        assert len(plan._shapes_by_batch) <= contraction._MAX_SIZED_BATCHES
