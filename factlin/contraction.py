@@ -32,6 +32,8 @@ import opt_einsum
 import torch
 from opt_einsum.paths import DynamicProgramming
 
+from ._matmul import backward_is_narrow, narrow_penalty, oriented_matmul
+
 __all__ = [
     "ContractionPlan",
     "plan_contraction",
@@ -45,12 +47,14 @@ __all__ = [
 EINSUM_LETTERS = string.ascii_letters
 
 # ---- the time model ----------------------------------------------------------------------
-# Fitted on this project's CPUs (one thread, float32) over 120 random batched matrix products;
-# it predicts within a factor of 2 for 90% of them. Only ratios between candidate plans matter.
+# Fitted on this project's CPUs (one thread, float32) over 160 random batched matrix products,
+# 30% of them with 2-15 result columns (the slow "narrow" case of :mod:`factlin._matmul`, charged
+# 3x); 76% within a factor of 2 (the model before the narrow case was separated: 72%). Only
+# ratios between candidate plans matter.
 #: Peak matmul rate (FLOP/s).
-PEAK_FLOPS = 1.1e11
+PEAK_FLOPS = 8.6e10
 #: Half-efficiency sizes of the three matmul dimensions (rows, columns, summed).
-_HALF_M, _HALF_N, _HALF_K = 0.6, 37.0, 7.2
+_HALF_M, _HALF_N, _HALF_K = 0.6, 9.3, 6.0
 #: Seconds per element read or written by a kernel.
 SECONDS_PER_ELEMENT = 2.1e-10
 #: Seconds per matrix element of a single matrix-vector product (measured: 768x768 to 3072x768
@@ -82,6 +86,7 @@ def matmul_seconds(batch: int, m: int, n: int, k: int) -> float:
         # one matrix-vector product: a streaming kernel, bound by reading the matrix
         return SECONDS_PER_GEMV_ELEMENT * elements + SECONDS_PER_STEP
     efficiency = (m / (m + _HALF_M)) * (n / (n + _HALF_N)) * (k / (k + _HALF_K))
+    efficiency /= narrow_penalty(m, n)
     flops = 2.0 * batch * m * n * k
     return flops / (PEAK_FLOPS * efficiency) + SECONDS_PER_ELEMENT * elements + SECONDS_PER_STEP
 
@@ -89,10 +94,11 @@ def matmul_seconds(batch: int, m: int, n: int, k: int) -> float:
 # ---- plans -------------------------------------------------------------------------------
 #: One compiled step: positions of the left and right operands in the working list, dims to sum
 #: out of each first, the permutation and 3-d shape each is brought to, whether the step is a
-#: broadcast product (nothing summed) rather than a matmul, and the result's shape.
+#: broadcast product (nothing summed) rather than a matmul, the result's shape, and the
+#: product's (m, k, n).
 Step = tuple[
     int, int, tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...],
-    tuple[int, ...], tuple[int, ...], bool, tuple[int, ...],
+    tuple[int, ...], tuple[int, ...], bool, tuple[int, ...], tuple[int, int, int],
 ]  # fmt: skip
 
 
@@ -142,7 +148,7 @@ class ContractionPlan:
         if shapes is None:
             if len(self._shapes_by_batch) >= _MAX_SIZED_BATCHES:
                 self._shapes_by_batch.clear()
-            shapes = self._shapes_by_batch[batch] = _resolve_shapes(self.steps, batch)
+            shapes = self._shapes_by_batch[batch] = _resolve_shapes(self.steps, batch, eager=True)
         return run_steps(self.steps, operands, shapes)
 
 
@@ -152,14 +158,21 @@ def _sized(shape: tuple[int, ...], batch: int) -> tuple[int, ...]:
     return tuple(batch * -n if n < 0 else n for n in shape)
 
 
-def _resolve_shapes(steps: Sequence, batch: int) -> tuple:
+def _resolve_shapes(steps: Sequence, batch: int, eager: bool = False) -> tuple:
     """Every reshape target of ``steps`` for a batch of ``batch`` rows: the operands' views,
-    then (left, right, result) per step, then the output's view (``()``: no reshape)."""
+    then (left, right, result, oriented) per step, then the output's view (``()``: no
+    reshape). ``oriented``: whether the step's product needs its backward oriented (see
+    :mod:`factlin._matmul`); only for ``eager`` calls (compilers pick their own kernels)."""
     *pairwise, (_, _, _, squeeze, unsqueeze) = steps
     return (
         tuple(_sized(shape, batch) for shape in squeeze),
         tuple(
-            (_sized(step[5], batch), _sized(step[7], batch), _sized(step[9], batch))
+            (
+                _sized(step[5], batch),
+                _sized(step[7], batch),
+                _sized(step[9], batch),
+                eager and not step[8] and backward_is_narrow(*_sized(step[10], batch)),
+            )
             for step in pairwise
         ),
         _sized(unsqueeze, batch),
@@ -180,11 +193,13 @@ def run_steps(
         batch = operands[batch_at[0]].shape[batch_at[1]] if batch_at else 0
         shapes = _resolve_shapes(steps, batch)
     squeeze, step_shapes, unsqueeze = shapes
+    # products whose backward autograd would orient badly get their own (CPU, grad on)
+    orient = torch.is_grad_enabled() and operands[0].device.type == "cpu"
     working = list(operands)
     if squeeze:  # drop size-1 modes (views)
         working = [w.reshape(shape) if shape else w for w, shape in zip(working, squeeze)]
-    for step, (left_shape, right_shape, result_shape) in zip(pairwise, step_shapes):
-        left_at, right_at, left_sum, right_sum, left_perm, _, right_perm, _, product, _ = step
+    for step, (left_shape, right_shape, result_shape, oriented) in zip(pairwise, step_shapes):
+        left_at, right_at, left_sum, right_sum, left_perm, _, right_perm, _, product, _, _ = step
         left, right = working[left_at], working[right_at]
         del working[max(left_at, right_at)]
         del working[min(left_at, right_at)]
@@ -200,7 +215,12 @@ def run_steps(
             right = right.permute(right_perm)
         if right_shape:
             right = right.reshape(right_shape)
-        result = left * right if product else torch.matmul(left, right)
+        if product:
+            result = left * right
+        elif oriented and orient:
+            result = oriented_matmul(left, right)
+        else:
+            result = torch.matmul(left, right)
         working.append(result.reshape(result_shape) if result_shape else result)
     result = working[0]
     if final_sum:
@@ -336,7 +356,7 @@ def _compile_oriented(
     # positions are filled in by the caller; (left, right) = (a, b) in this orientation
     step: Step = (
         int(swapped), int(not swapped), a_sum_dims, b_sum_dims,
-        a_perm, a_shape, b_perm, b_shape, product, result_shape,
+        a_perm, a_shape, b_perm, b_shape, product, result_shape, (dim(a_free), dim(summed), dim(b_free)),
     )  # fmt: skip
     flops = 2 * nb * m * n * k
     return _Compiled(step, order, seconds, flops, size(order))
