@@ -1,14 +1,14 @@
 """Matrix products computed in whichever of their two orientations the CPU runs faster.
 
 ``a @ b`` and ``(b.mT @ a.mT).mT`` hold the same values, but a CPU BLAS (MKL here) can differ
-tenfold between the two: a product whose result has few columns (under 16) and many rows runs
-at 1-5 GFLOP/s, its transpose at 30-45 (measured, one thread, float32: ``(24576, 24) @ (24, 11)``
-takes 1.75 ms, the transposed call 0.3 ms; any 2 to 15 columns and 16 or more rows: 1.2-5x). The contraction planner already picks the better
-orientation for the forward products (:func:`narrow_penalty` is part of its time model), but
-autograd computes the backward products in the orientation of each operand's memory layout, and
-the gradient of a factor with a rank under 16 is exactly such a narrow matrix. This module's
-matmul carries its own backward that orients each gradient product. It is used on CPU steps
-whose backward would otherwise hit the slow case (:func:`backward_is_narrow`), with grad on.
+tenfold between the two: a product whose result has few columns (2 to 15) and 16 or more rows
+runs 1.2-5x slower than its transpose (measured, one thread, float32: ``(24576, 24) @ (24, 11)``
+takes 1.75 ms, the transposed call 0.3 ms). The contraction planner picks the better orientation
+for the forward products (:func:`narrow_penalty` is part of its time model), but autograd
+computes the backward products in the orientation of each operand's memory layout, and the
+gradient of a factor with a rank under 16 is exactly such a narrow matrix. This module's matmul
+carries its own backward that orients each gradient product. It is used on CPU steps whose
+backward would otherwise hit the slow case (:func:`backward_is_narrow`), with grad on.
 """
 
 from __future__ import annotations

@@ -356,7 +356,8 @@ def _compile_oriented(
     # positions are filled in by the caller; (left, right) = (a, b) in this orientation
     step: Step = (
         int(swapped), int(not swapped), a_sum_dims, b_sum_dims,
-        a_perm, a_shape, b_perm, b_shape, product, result_shape, (dim(a_free), dim(summed), dim(b_free)),
+        a_perm, a_shape, b_perm, b_shape, product, result_shape,
+        (dim(a_free), dim(summed), dim(b_free)),
     )  # fmt: skip
     flops = 2 * nb * m * n * k
     return _Compiled(step, order, seconds, flops, size(order))
