@@ -516,7 +516,6 @@ def plan_contraction(
     *,
     batch_mode: str = "",
     max_weight_intermediate: Optional[int] = None,
-    weight_modes: str = "",
 ) -> ContractionPlan:
     """Choose and compile the contraction order of ``equation`` for operands of ``shapes``.
 
@@ -532,9 +531,6 @@ def plan_contraction(
     max_weight_intermediate : int, optional
         Largest size allowed for an intermediate that does not hold ``batch_mode`` (one built
         from weight operands alone).
-    weight_modes : str, optional
-        With ``max_weight_intermediate``: no weight-only intermediate may hold all of these
-        modes (the full weight's), so the weight is never rebuilt.
 
     Returns
     -------
@@ -546,7 +542,6 @@ def plan_contraction(
         tuple(tuple(int(n) for n in shape) for shape in shapes),
         batch_mode,
         max_weight_intermediate,
-        weight_modes,
     )
 
 
@@ -556,7 +551,6 @@ def _plan_cached(
     shapes: tuple[tuple[int, ...], ...],
     batch_mode: str,
     max_weight_intermediate: Optional[int],
-    weight_modes: str,
 ) -> ContractionPlan:
     inputs, output = equation.split("->")
     terms = inputs.split(",")
@@ -565,9 +559,7 @@ def _plan_cached(
     squeezed = _squeezed(terms, output, shapes, batch_mode)
     if squeezed is not None:
         inner_equation, inner_shapes, views, output_shape = squeezed
-        inner = _plan_cached(
-            inner_equation, inner_shapes, batch_mode, max_weight_intermediate, weight_modes
-        )
+        inner = _plan_cached(inner_equation, inner_shapes, batch_mode, max_weight_intermediate)
         *pairwise, (final_sum, final_perm, _, _, _) = inner.steps
         final = (final_sum, final_perm, _batch_at(terms, batch_mode), views, output_shape)
         return ContractionPlan(
@@ -586,8 +578,6 @@ def _plan_cached(
     def allowed(legs: frozenset[str]) -> bool:
         if max_weight_intermediate is None or batch_mode in legs:
             return True
-        if weight_modes and set(weight_modes) <= legs:
-            return False
         return math.prod(sizes[c] for c in legs) <= max_weight_intermediate
 
     # Candidates: our exhaustive search (small networks), opt_einsum's searches, and a greedy

@@ -59,8 +59,9 @@ class FactorizedLinear(nn.Module):
         the CP rank / every Tucker rank / every TT bond rank; tuple: per-mode Tucker ranks or TT
         bond ranks. See :mod:`factlin.rank`. The resolved ranks are in :attr:`rank`.
     implementation : {'factorized', 'reconstructed', 'auto'}, default 'factorized'
-        ``'factorized'`` contracts the input with the factors directly (the full weight is never
-        formed); ``'reconstructed'`` rebuilds the weight matrix and calls ``F.linear``;
+        ``'factorized'`` contracts the input with the factors along a planned order (factors
+        may meet each other first where that is faster, as in one einsum over all operands);
+        ``'reconstructed'`` rebuilds the weight matrix and calls ``F.linear``;
         ``'auto'`` picks one of the two per call from a cost model of the batch size and
         whether gradients are needed (see :mod:`factlin.cost_model`). Can be changed after
         construction.

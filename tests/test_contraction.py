@@ -42,13 +42,10 @@ def test_one_plan_serves_every_batch_size(equation, shapes, rows):
 
 
 def test_weight_only_intermediates_are_bounded():
-    # x with three TT-like cores: no intermediate built from cores alone may hold every weight
-    # mode (that would rebuild the weight) or exceed the size limit.
+    # x with three TT-like cores: no intermediate built from cores alone may exceed the limit.
     equation = "Zdef,adh,hbei,icf->Zabc"
     shapes = [(64, 4, 8, 8), (8, 4, 30), (30, 4, 8, 31), (31, 8, 8)]
-    plan = plan_contraction(
-        equation, shapes, batch_mode="Z", max_weight_intermediate=1, weight_modes="abcdef"
-    )
+    plan = plan_contraction(equation, shapes, batch_mode="Z", max_weight_intermediate=1)
     working = ["Zdef", "adh", "hbei", "icf"]
     for i, j in plan.path:
         merged = working[i] + working[j]
@@ -63,9 +60,7 @@ def test_planner_prefers_big_matmuls_for_cp():
     equation = "Zdef,g,ag,bg,cg,dg,eg,fg->Zabc"
     shapes = [(64, 8, 8, 12), (500,), (8, 500), (8, 500), (12, 500), (8, 500), (8, 500), (12, 500)]
     free = plan_contraction(equation, shapes, batch_mode="Z")
-    chained = plan_contraction(
-        equation, shapes, batch_mode="Z", max_weight_intermediate=500, weight_modes="abcdef"
-    )
+    chained = plan_contraction(equation, shapes, batch_mode="Z", max_weight_intermediate=500)
     assert free.seconds < chained.seconds
     assert free.largest_intermediate <= 64 * 768 + 768 * 500
 

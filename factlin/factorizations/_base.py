@@ -181,15 +181,15 @@ class FactorizedWeight(nn.Module, ABC):
         equation = ",".join(subscripts) + "->" + output
         if kind != "contract":
             return plan_contraction(equation, shapes)
-        # Never rebuild the weight in the factorized forward, nor build weight-only
-        # intermediates much larger than it.
+        # Factors may be contracted together first where that is faster (at large batches even
+        # the whole weight, as one einsum over x and the factors would), but no weight-only
+        # intermediate may be much larger than the weight.
         weight_size = self.in_features * self.out_features
         return plan_contraction(
             equation,
             shapes,
             batch_mode=_BATCH_LETTER,
             max_weight_intermediate=_WEIGHT_INTERMEDIATE_FACTOR * weight_size,
-            weight_modes=out_letters + in_letters,
         )
 
     def _contraction_in_shape(self) -> Shape:
