@@ -66,6 +66,9 @@ SECONDS_PER_PRODUCT_ELEMENT = 7e-10
 SECONDS_PER_COPIED_ELEMENT = 1.5e-9
 #: Extra factor for a permuting copy whose innermost mode changes (strided reads or writes).
 _GATHER_PENALTY = 3.0
+#: Extra seconds per matrix of a batched product (the kernel loops over them: measured 0.2-1.7
+#: us each for 2x2 to 32x32 matrices, beyond what their FLOPs explain).
+SECONDS_PER_BATCHED_MATRIX = 2e-7
 #: Fixed cost of one step (its few kernel launches plus the Python around them).
 SECONDS_PER_STEP = 2e-5
 #: Largest operand count searched exhaustively by :func:`_search_exhaustive` (3**n splits).
@@ -88,7 +91,8 @@ def matmul_seconds(batch: int, m: int, n: int, k: int) -> float:
     efficiency = (m / (m + _HALF_M)) * (n / (n + _HALF_N)) * (k / (k + _HALF_K))
     efficiency /= narrow_penalty(m, n)
     flops = 2.0 * batch * m * n * k
-    return flops / (PEAK_FLOPS * efficiency) + SECONDS_PER_ELEMENT * elements + SECONDS_PER_STEP
+    overhead = SECONDS_PER_STEP + (SECONDS_PER_BATCHED_MATRIX * batch if batch > 1 else 0.0)
+    return flops / (PEAK_FLOPS * efficiency) + SECONDS_PER_ELEMENT * elements + overhead
 
 
 # ---- plans -------------------------------------------------------------------------------
@@ -149,7 +153,7 @@ class ContractionPlan:
             if len(self._shapes_by_batch) >= _MAX_SIZED_BATCHES:
                 self._shapes_by_batch.clear()
             shapes = self._shapes_by_batch[batch] = _resolve_shapes(self.steps, batch, eager=True)
-        return run_steps(self.steps, operands, shapes)
+        return run_steps(self.steps, operands, shapes, eager=True)
 
 
 def _sized(shape: tuple[int, ...], batch: int) -> tuple[int, ...]:
@@ -180,13 +184,18 @@ def _resolve_shapes(steps: Sequence, batch: int, eager: bool = False) -> tuple:
 
 
 def run_steps(
-    steps: Sequence, operands: Sequence[torch.Tensor], shapes: Optional[tuple] = None
+    steps: Sequence,
+    operands: Sequence[torch.Tensor],
+    shapes: Optional[tuple] = None,
+    eager: bool = False,
 ) -> torch.Tensor:
     """Execute compiled ``steps`` (see :class:`ContractionPlan`) on ``operands``.
 
     Plain constants in, so ``torch.compile`` traces it without a plan object in the graph. An
     empty permutation or shape means the operand is already laid out as needed. ``shapes``:
     the reshape targets for this batch size (:func:`_resolve_shapes`), computed if not given.
+    ``eager``: run CPU kernels' layout fixes (oriented backward products, unit strides for
+    batched products); left to the compiler otherwise.
     """
     *pairwise, (final_sum, final_perm, batch_at, _, _) = steps
     if shapes is None:
@@ -194,7 +203,7 @@ def run_steps(
         shapes = _resolve_shapes(steps, batch)
     squeeze, step_shapes, unsqueeze = shapes
     # products whose backward autograd would orient badly get their own (CPU, grad on)
-    orient = torch.is_grad_enabled() and operands[0].device.type == "cpu"
+    orient = eager and torch.is_grad_enabled() and operands[0].device.type == "cpu"
     working = list(operands)
     if squeeze:  # drop size-1 modes (views)
         working = [w.reshape(shape) if shape else w for w, shape in zip(working, squeeze)]
@@ -217,10 +226,15 @@ def run_steps(
             right = right.reshape(right_shape)
         if product:
             result = left * right
-        elif oriented and orient:
-            result = oriented_matmul(left, right)
         else:
-            result = torch.matmul(left, right)
+            if eager and left.dim() == 3:
+                # a batched product needs each matrix with a unit stride, or bmm crawls (7x
+                # measured on CP's rank-innermost views): one explicit copy instead
+                left, right = _unit_strided(left), _unit_strided(right)
+            if oriented and orient:
+                result = oriented_matmul(left, right)
+            else:
+                result = torch.matmul(left, right)
         working.append(result.reshape(result_shape) if result_shape else result)
     result = working[0]
     if final_sum:
@@ -230,6 +244,14 @@ def run_steps(
     if unsqueeze:  # put the size-1 modes back (a view)
         result = result.reshape(unsqueeze)
     return result
+
+
+def _unit_strided(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (3-d), copied to contiguous unless one of its matrix dims has unit stride."""
+    strides = tensor.stride()
+    if strides[2] == 1 or strides[1] == 1:
+        return tensor
+    return tensor.contiguous()
 
 
 @dataclass(frozen=True)
@@ -255,6 +277,13 @@ def _is_view(order: str, groups: Sequence[str], sizes: dict[str, int]) -> bool:
         if kept[start : start + len(members)] != members:
             return False
     return True
+
+
+def _batch_innermost(order: str, batched: str, sizes: dict[str, int], product: bool) -> bool:
+    """Whether a batched matrix product's operand, laid out as ``order``, has a batched mode
+    innermost: no matrix dim then has a unit stride, and :func:`run_steps` copies it."""
+    kept = [c for c in order if sizes[c] > 1]
+    return not product and bool(kept) and kept[-1] in batched
 
 
 def copy_seconds(current: str, target: str, sizes: dict[str, int]) -> float:
@@ -322,10 +351,9 @@ def _compile_oriented(
         seconds += matmul_seconds(nb, m, n, k)
     a_groups = (batched, a_free, summed) if not product else (batched, a_free)
     b_groups = (batched, summed, b_free) if not product else (batched, b_free)
-    if not _is_view(a_rest, a_groups, sizes):
-        seconds += copy_seconds(a_rest, "".join(a_groups), sizes)
-    if not _is_view(b_rest, b_groups, sizes):
-        seconds += copy_seconds(b_rest, "".join(b_groups), sizes)
+    for rest, groups in ((a_rest, a_groups), (b_rest, b_groups)):
+        if not _is_view(rest, groups, sizes) or _batch_innermost(rest, batched, sizes, product):
+            seconds += copy_seconds(rest, "".join(groups), sizes)
 
     def dim(modes: str) -> int:
         # -k stands for (batch size) * k: the batch size is read off the input at call time

@@ -185,3 +185,28 @@ def test_resolved_shapes_are_kept_per_batch_size_and_bounded():
         torch.testing.assert_close(plan(x, *factors), expected)
         assert rows in plan._shapes_by_batch
         assert len(plan._shapes_by_batch) <= contraction._MAX_SIZED_BATCHES
+
+
+def test_batched_products_get_unit_strided_matrices():
+    """A batched product whose operand has its batch mode innermost (CP's rank) is copied to a
+    layout BLAS takes, and the time model charges that copy."""
+    innermost = torch.randn(8, 8, 500).permute(2, 0, 1)  # (500, 8, 8), batch stride 1
+    assert contraction._unit_strided(innermost).is_contiguous()
+    row_major = torch.randn(500, 8, 8)
+    transposed = row_major.mT
+    assert contraction._unit_strided(row_major) is row_major
+    assert contraction._unit_strided(transposed) is transposed
+    sizes = {"r": 500, "a": 8, "b": 8, "c": 64}
+    assert contraction._batch_innermost("abr", "r", sizes, product=False)
+    assert not contraction._batch_innermost("rab", "r", sizes, product=False)
+    assert not contraction._batch_innermost("abr", "r", sizes, product=True)
+    equation = "abr,bcr->rac"
+    operands = [torch.randn(8, 8, 500, dtype=torch.float64), torch.randn(8, 64, 500).double()]
+    plan = plan_contraction(equation, [tuple(t.shape) for t in operands])
+    torch.testing.assert_close(plan(*operands), torch.einsum(equation, *operands))
+
+
+def test_batched_small_matrices_cost_per_matrix():
+    one = contraction.matmul_seconds(1, 8, 8, 8)
+    many = contraction.matmul_seconds(2000, 8, 8, 8)
+    assert many - 2000 * (one - contraction.SECONDS_PER_STEP) >= 2000 * 1e-7
