@@ -58,8 +58,11 @@ _HALF_M, _HALF_N, _HALF_K = 0.6, 9.3, 6.0
 #: Seconds per element read or written by a kernel.
 SECONDS_PER_ELEMENT = 2.1e-10
 #: Seconds per matrix element of a single matrix-vector product (measured: 768x768 to 3072x768
-#: at batch 1, 0.09-0.1 ns per element; beyond the caches it doubles).
+#: at batch 1, 0.09-0.15 ns per element alone; 2048x2048 and larger, or 768x3072 amid a model's
+#: other traffic, 0.18-0.23 ns: past the caches)...
 SECONDS_PER_GEMV_ELEMENT = 1e-10
+#: ...for matrices up to this many elements (4 MiB in float32); twice that beyond.
+_GEMV_CACHED_ELEMENTS = 1 << 20
 #: Seconds per element of a broadcast product (memory bound).
 SECONDS_PER_PRODUCT_ELEMENT = 7e-10
 #: Seconds per element copied by a permuting ``reshape``.
@@ -87,7 +90,8 @@ def matmul_seconds(batch: int, m: int, n: int, k: int) -> float:
     elements = batch * (m * n + m * k + k * n)
     if batch == 1 and min(m, n) == 1 and k > 1:
         # one matrix-vector product: a streaming kernel, bound by reading the matrix
-        return SECONDS_PER_GEMV_ELEMENT * elements + SECONDS_PER_STEP
+        per_element = SECONDS_PER_GEMV_ELEMENT * (1 if m * n * k <= _GEMV_CACHED_ELEMENTS else 2)
+        return per_element * elements + SECONDS_PER_STEP
     efficiency = (m / (m + _HALF_M)) * (n / (n + _HALF_N)) * (k / (k + _HALF_K))
     efficiency /= narrow_penalty(m, n)
     flops = 2.0 * batch * m * n * k

@@ -167,3 +167,6 @@ def test_matrix_vector_products_are_modelled_as_streaming():
     assert gemv == SECONDS_PER_GEMV_ELEMENT * (768 + 768 * 768 + 768) + SECONDS_PER_STEP
     assert gemv < matmul_seconds(1, 4, 768, 768)
     assert matmul_seconds(1, 768, 1, 768) == gemv  # either side may be the vector
+    # past the caches (768 x 3072 in float32 is 9 MiB) each element costs twice as much
+    large = matmul_seconds(1, 1, 3072, 768)
+    assert large == 2 * SECONDS_PER_GEMV_ELEMENT * (768 + 768 * 3072 + 3072) + SECONDS_PER_STEP
