@@ -77,6 +77,8 @@ def check_dtype(dtype: object) -> None:
 
 def check_layer_index(name: str, value: object, n_layers: int) -> int:
     """An int in ``[0, n_layers)`` (0-dim integer tensors accepted)."""
+    if type(value) is int and 0 <= value < n_layers:  # the common case, checked first
+        return value
     if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

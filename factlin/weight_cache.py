@@ -9,15 +9,17 @@ and parameter replacement change the identity or the address, so the cache is ne
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 
 import torch
 
 __all__ = ["WeightCache"]
 
 
-def _stamp(parameters: Iterable[torch.Tensor]) -> tuple:
-    return tuple((id(p), p.data_ptr(), p.dtype, p.device, p._version) for p in parameters)
+def _stamp(parameters: Sequence[torch.Tensor]) -> tuple:
+    # dtype and device once (a parameter moved or cast alone changes its address anyway)
+    first = parameters[0]
+    return (first.dtype, first.device, *[(id(p), p.data_ptr(), p._version) for p in parameters])
 
 
 class WeightCache:
@@ -27,7 +29,7 @@ class WeightCache:
         self._entries: dict[int, tuple[tuple, torch.Tensor]] = {}
 
     def get(
-        self, key: int, parameters: Iterable[torch.Tensor], build: Callable[[], torch.Tensor]
+        self, key: int, parameters: Sequence[torch.Tensor], build: Callable[[], torch.Tensor]
     ) -> torch.Tensor:
         """The cached value for ``key`` if the parameters are unchanged, else ``build()``."""
         stamp = _stamp(parameters)
