@@ -64,6 +64,9 @@ class _OrientedMatmul(torch.autograd.Function):
     """``a @ b`` (as planned) whose two gradient products are each computed in the faster
     orientation."""
 
+    # forward and backward are plain differentiable products: torch.func may batch them itself
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.matmul(a, b)

@@ -291,3 +291,27 @@ def test_reset_parameters_is_recallable():
     assert abs(float(second.std()) / std - 1) < 0.1
     bound = 1 / math.sqrt(256)
     assert float(layer.bias.detach().abs().max()) <= bound
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker", "tt"])
+@pytest.mark.parametrize("implementation", ["factorized", "reconstructed"])
+def test_per_sample_gradients_with_torch_func(factorization, implementation):
+    """``torch.func`` composes with the layer: vmap of grad gives each sample's gradient."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    layer = FactorizedLinear(
+        (24, 32), (24, 32), factorization=factorization, rank=0.05, implementation=implementation
+    ).double()
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+    x = torch.randn(4, 768, dtype=torch.float64)
+
+    def loss(parameters: dict, sample: torch.Tensor) -> torch.Tensor:
+        return functional_call(layer, parameters, (sample.unsqueeze(0),)).pow(2).sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(len(x)):
+        leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+        expected = torch.autograd.grad(loss(leaves, x[i]), list(leaves.values()))
+        for name, value in zip(leaves, expected):
+            torch.testing.assert_close(per_sample[name][i], value)

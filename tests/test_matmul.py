@@ -102,3 +102,16 @@ def test_time_model_charges_narrow_products(rows, columns, slower):
         1, columns, rows, 64
     )
     assert ratio > 2 if slower else ratio < 1.5
+
+
+def test_composes_with_torch_func():
+    """vmap over a batch of inputs and per-sample gradients go through the custom backward."""
+    a = torch.randn(5, 40, 6, dtype=torch.float64)
+    b = torch.randn(6, 3, dtype=torch.float64)
+
+    def loss(a_one: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return oriented_matmul(a_one, b).pow(2).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=1), in_dims=(0, None))(a, b)
+    expected = torch.stack([2 * a_one.T @ (a_one @ b) for a_one in a])
+    torch.testing.assert_close(per_sample, expected)
