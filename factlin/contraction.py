@@ -240,6 +240,9 @@ def run_steps(
             else:
                 result = torch.matmul(left, right)
         working.append(result.reshape(result_shape) if result_shape else result)
+        # drop the names now: else this step's inputs and unreshaped result stay alive while
+        # the next step copies and multiplies (3 intermediates at once instead of 2)
+        del left, right, result
     result = working[0]
     if final_sum:
         result = result.sum(final_sum)
