@@ -94,14 +94,14 @@ class TTWeight(FactorizedWeight):
     def _operands(self, layer: Optional[int]) -> list[torch.Tensor]:
         cores = parameter_list(self.cores)
         last = len(cores) - 1
+        # (select/squeeze rather than indexing: this runs on every forward, and Python-level
+        # tensor indexing costs several microseconds a call)
         if self.n_layers > 1:
             first = cores[0][0, layer, 0] if layer is not None else cores[0][0, :, 0]
         else:
-            first = cores[0][0]
+            first = cores[0].squeeze(0)
         operands = [first, *cores[1:]]
-        if last == 0:
-            return [operands[0][..., 0]]
-        operands[last] = operands[last][..., 0]
+        operands[last] = operands[last].squeeze(-1)
         return operands
 
     @torch.no_grad()
