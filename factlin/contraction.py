@@ -157,7 +157,8 @@ class ContractionPlan:
             if len(self._shapes_by_batch) >= _MAX_SIZED_BATCHES:
                 self._shapes_by_batch.clear()
             shapes = self._shapes_by_batch[batch] = _resolve_shapes(self.steps, batch, eager=True)
-        return run_steps(self.steps, operands, shapes, eager=True)
+        # (a trace records the plain operations: what it replays need not match this machine)
+        return run_steps(self.steps, operands, shapes, eager=not torch.jit.is_tracing())
 
 
 def _sized(shape: tuple[int, ...], batch: int) -> tuple[int, ...]:
@@ -313,24 +314,27 @@ def step_seconds(
     sizes: dict[str, int],
     batch_mode: str,
     final_order: Optional[str] = None,
+    backward: bool = False,
 ) -> _Compiled:
     """Compile the contraction of tensors with (contiguous) modes ``left`` and ``right``,
     keeping the modes in ``keep``; returns the cheaper orientation under the time model. With
-    ``final_order`` (the last step), the cost of permuting the result into it counts too."""
+    ``final_order`` (the last step), the cost of permuting the result into it counts too. With
+    ``backward``, the time of the step's share of the backward pass counts too."""
     options = []
     for swapped in (False, True):
         a, b = (right, left) if swapped else (left, right)
-        compiled = _compile_oriented(a, b, keep, sizes, batch_mode, swapped=swapped)
+        compiled = _compile_oriented(a, b, keep, sizes, batch_mode, swapped, backward)
         if final_order is not None:
-            extra = copy_seconds(compiled.order, final_order, sizes)
+            extra = copy_seconds(compiled.order, final_order, sizes) * (2 if backward else 1)
             compiled = dataclasses.replace(compiled, seconds=compiled.seconds + extra)
         options.append(compiled)
     return min(options, key=lambda compiled: compiled.seconds)
 
 
 def _compile_oriented(
-    a: str, b: str, keep: frozenset[str], sizes: dict[str, int], batch_mode: str, swapped: bool
-) -> _Compiled:
+    a: str, b: str, keep: frozenset[str], sizes: dict[str, int], batch_mode: str, swapped: bool,
+    backward: bool,
+) -> _Compiled:  # fmt: skip
     def size(modes: Sequence[str]) -> int:
         return math.prod(sizes[c] for c in modes)
 
@@ -358,9 +362,20 @@ def _compile_oriented(
         seconds += matmul_seconds(nb, m, n, k)
     a_groups = (batched, a_free, summed) if not product else (batched, a_free)
     b_groups = (batched, summed, b_free) if not product else (batched, b_free)
+    copies = 0.0
     for rest, groups in ((a_rest, a_groups), (b_rest, b_groups)):
         if not _is_view(rest, groups, sizes) or _batch_innermost(rest, batched, sizes, product):
-            seconds += copy_seconds(rest, "".join(groups), sizes)
+            copies += copy_seconds(rest, "".join(groups), sizes)
+    seconds += copies
+    if backward:
+        # each copy is copied back; the two gradients are two broadcast products (then sums),
+        # or two matrix products, each run in its cheaper orientation (see factlin._matmul)
+        seconds += copies
+        if product:
+            seconds += 2 * SECONDS_PER_PRODUCT_ELEMENT * nb * m * n
+        else:
+            seconds += min(matmul_seconds(nb, m, k, n), matmul_seconds(nb, k, m, n))
+            seconds += min(matmul_seconds(nb, k, n, m), matmul_seconds(nb, n, k, m))
 
     def dim(modes: str) -> int:
         # -k stands for (batch size) * k: the batch size is read off the input at call time
@@ -422,8 +437,9 @@ def _legs(subset: int, terms: Sequence[str], output: str) -> frozenset[str]:
 
 
 def _search_exhaustive(
-    terms: Sequence[str], output: str, sizes: dict[str, int], batch_mode: str, allowed
-) -> Optional[list[tuple[int, int]]]:
+    terms: Sequence[str], output: str, sizes: dict[str, int], batch_mode: str, allowed,
+    backward: bool = False,
+) -> Optional[list[tuple[int, int]]]:  # fmt: skip
     """Cheapest pairwise order (as a binary tree of operand subsets) by dynamic programming over
     subsets, splitting every subset into two connected parts; ``None`` if none is allowed."""
     n = len(terms)
@@ -448,7 +464,9 @@ def _search_exhaustive(
                     left, right = best[part], best[rest]
                     if set(left[1]) & set(right[1]):
                         final = output if subset == full else None
-                        compiled = step_seconds(left[1], right[1], legs, sizes, batch_mode, final)
+                        compiled = step_seconds(
+                            left[1], right[1], legs, sizes, batch_mode, final, backward
+                        )
                         seconds = left[0] + right[0] + compiled.seconds
                         if candidate is None or seconds < candidate[0]:
                             candidate = (seconds, compiled.order, (part, rest))
@@ -478,8 +496,9 @@ def _search_exhaustive(
 
 
 def _search_greedy(
-    terms: Sequence[str], output: str, sizes: dict[str, int], batch_mode: str, allowed
-) -> list[tuple[int, int]]:
+    terms: Sequence[str], output: str, sizes: dict[str, int], batch_mode: str, allowed,
+    backward: bool = False,
+) -> list[tuple[int, int]]:  # fmt: skip
     """Repeatedly contract the connected pair whose step is cheapest (for many operands)."""
     working = [(1 << i, term) for i, term in enumerate(terms)]
     pairs: list[tuple[int, int]] = []
@@ -493,7 +512,7 @@ def _search_greedy(
                 legs = _legs(si | sj, terms, output)
                 if len(working) > 2 and not allowed(legs):
                     continue
-                compiled = step_seconds(ti, tj, legs, sizes, batch_mode)
+                compiled = step_seconds(ti, tj, legs, sizes, batch_mode, backward=backward)
                 options.append((compiled.seconds, i, j, compiled.order))
         if not options:  # nothing connected is allowed: take the first pair
             legs = _legs(working[0][0] | working[1][0], terms, output)
@@ -510,7 +529,7 @@ def _search_greedy(
 
 def _compile_path(
     terms: Sequence[str], output: str, sizes: dict[str, int], batch_mode: str,
-    path: Sequence[tuple[int, int]],
+    path: Sequence[tuple[int, int]], backward: bool = False,
 ) -> tuple[tuple, int, int, float, int]:  # fmt: skip
     """Compile ``path`` to steps; returns (steps, flops, largest intermediate, seconds,
     elements written)."""
@@ -522,7 +541,8 @@ def _compile_path(
         (si, ti), (sj, tj) = working[i], working[j]
         legs = _legs(si | sj, terms, output)
         last = step_index == len(path) - 1
-        compiled = step_seconds(ti, tj, legs, sizes, batch_mode, output if last else None)
+        final = output if last else None
+        compiled = step_seconds(ti, tj, legs, sizes, batch_mode, final, backward)
         left_is_i = compiled.step[0] == 0
         positions = (i, j) if left_is_i else (j, i)
         steps.append(positions + compiled.step[2:])
@@ -540,7 +560,7 @@ def _compile_path(
     if final_perm == tuple(range(len(output))):
         final_perm = ()
     elif not path:  # a lone operand: its permutation is not part of any step's cost
-        seconds += copy_seconds(remaining, output, sizes)
+        seconds += copy_seconds(remaining, output, sizes) * (2 if backward else 1)
     steps.append((final_sum, final_perm, _batch_at(terms, batch_mode), (), ()))
     return tuple(steps), flops, largest, seconds, written
 
@@ -551,6 +571,7 @@ def plan_contraction(
     *,
     batch_mode: str = "",
     max_weight_intermediate: Optional[int] = None,
+    with_backward: bool = False,
 ) -> ContractionPlan:
     """Choose and compile the contraction order of ``equation`` for operands of ``shapes``.
 
@@ -566,6 +587,10 @@ def plan_contraction(
     max_weight_intermediate : int, optional
         Largest size allowed for an intermediate that does not hold ``batch_mode`` (one built
         from weight operands alone).
+    with_backward : bool, optional
+        Choose the order for a forward and a backward pass (training) rather than a forward
+        alone: a step that is cheap forward may have costly gradient products. The plan's
+        ``seconds`` then include the backward.
 
     Returns
     -------
@@ -577,6 +602,7 @@ def plan_contraction(
         tuple(tuple(int(n) for n in shape) for shape in shapes),
         batch_mode,
         max_weight_intermediate,
+        with_backward,
     )
 
 
@@ -586,6 +612,7 @@ def _plan_cached(
     shapes: tuple[tuple[int, ...], ...],
     batch_mode: str,
     max_weight_intermediate: Optional[int],
+    backward: bool = False,
 ) -> ContractionPlan:
     inputs, output = equation.split("->")
     terms = inputs.split(",")
@@ -594,7 +621,9 @@ def _plan_cached(
     squeezed = _squeezed(terms, output, shapes, batch_mode)
     if squeezed is not None:
         inner_equation, inner_shapes, views, output_shape = squeezed
-        inner = _plan_cached(inner_equation, inner_shapes, batch_mode, max_weight_intermediate)
+        inner = _plan_cached(
+            inner_equation, inner_shapes, batch_mode, max_weight_intermediate, backward
+        )
         *pairwise, (final_sum, final_perm, _, _, _) = inner.steps
         final = (final_sum, final_perm, _batch_at(terms, batch_mode), views, output_shape)
         return ContractionPlan(
@@ -606,7 +635,7 @@ def _plan_cached(
         sizes.update(zip(term, (int(n) for n in shape)))
     if len(terms) == 1:
         steps, flops, largest, seconds, written = _compile_path(
-            terms, output, sizes, batch_mode, []
+            terms, output, sizes, batch_mode, [], backward
         )
         return ContractionPlan(equation, (), steps, flops, largest, seconds, written)
 
@@ -619,19 +648,19 @@ def _plan_cached(
     # fallback; the fastest under the time model whose intermediates are allowed wins.
     candidates = []
     if len(terms) <= _MAX_EXHAUSTIVE:
-        candidates.append(_search_exhaustive(terms, output, sizes, batch_mode, allowed))
+        candidates.append(_search_exhaustive(terms, output, sizes, batch_mode, allowed, backward))
     candidates.extend(_opt_einsum_paths(equation, shapes))
-    candidates.append(_search_greedy(terms, output, sizes, batch_mode, allowed))
+    candidates.append(_search_greedy(terms, output, sizes, batch_mode, allowed, backward))
     best = None
     for path in candidates:
         if path is None or not _respects(path, terms, output, allowed):
             continue
-        compiled = _compile_path(terms, output, sizes, batch_mode, path)
+        compiled = _compile_path(terms, output, sizes, batch_mode, path, backward)
         if best is None or compiled[3] < best[1][3]:
             best = (path, compiled)
     if best is None:  # nothing respects the limits: the greedy order regardless
         path = candidates[-1]
-        best = (path, _compile_path(terms, output, sizes, batch_mode, path))
+        best = (path, _compile_path(terms, output, sizes, batch_mode, path, backward))
     path, (steps, flops, largest, seconds, written) = best
     path = tuple(map(tuple, path))
     return ContractionPlan(equation, path, steps, flops, largest, seconds, written)

@@ -6,8 +6,9 @@ For a batch of ``B`` rows the two forwards cost
 * reconstructed: rebuilding the matrix (its own planned contraction) plus one dense
   ``(B, in) @ (in, out)`` product.
 
-With gradients, backward costs about two forwards on each side (two products per forward
-product), so both sides are multiplied by 3. Without gradients and with the inference cache on,
+With gradients, the plans are the ones chosen for training, whose modelled time includes their
+backward step by step (each product's two gradient products, copies back); the dense product
+counts 3 times (forward, two gradients). Without gradients and with the inference cache on,
 the rebuilt weight is reused, so the reconstructed side costs the dense product alone. The
 decision is made for the power-of-two bucket of ``B`` and cached per bucket by the layer.
 
@@ -65,10 +66,13 @@ def _itemsize(weight: FactorizedWeight) -> int:
     return weight.parameter_tensors()[0].element_size()
 
 
-def _plan_seconds(weight: FactorizedWeight, plan: ContractionPlan) -> float:
+def _plan_seconds(weight: FactorizedWeight, plan: ContractionPlan, grad: bool) -> float:
+    """Modelled time of ``plan`` (chosen with its backward when ``grad``, and then timed with it
+    on a CPU; a GPU backward is counted as two more forwards)."""
     if _on_cpu(weight):
         return plan.seconds
-    return GPU.seconds(plan.n_steps, plan.flops, plan.elements_written, _itemsize(weight))
+    passes = _GRAD_PASSES if grad else 1
+    return passes * GPU.seconds(plan.n_steps, plan.flops, plan.elements_written, _itemsize(weight))
 
 
 def dense_seconds(weight: FactorizedWeight, batch: int) -> float:
@@ -87,12 +91,13 @@ def estimated_seconds(
     passes = _GRAD_PASSES if grad else 1
     selected = weight.n_layers > 1
     if implementation == "factorized":
-        plan = weight._plan("contract", selected, batch_bucket(batch))
-        return passes * _plan_seconds(weight, plan)
+        plan = weight._plan("contract", selected, batch_bucket(batch), grad)
+        return _plan_seconds(weight, plan, grad)
     dense = dense_seconds(weight, batch)
     if cached and not grad:
         return dense
-    return passes * (dense + _plan_seconds(weight, weight._plan("tensor", selected, 0)))
+    rebuild = _plan_seconds(weight, weight._plan("tensor", selected, 0, grad), grad)
+    return passes * dense + rebuild
 
 
 def choose_implementation(weight: FactorizedWeight, batch: int, *, grad: bool, cached: bool) -> str:

@@ -210,6 +210,17 @@ def test_jit_trace_matches_eager(factorization, no_grad):
     torch.testing.assert_close(traced(x), model(x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("factorization", FACTORIZATIONS)
+def test_jit_trace_without_warm_up(factorization):
+    """Tracing a fresh layer plans inside the trace: planning touches no tensor, so the
+    trace's own sanity check (a second trace, without grad) sees the same graph."""
+    model = _Variants(factorization)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    traced = torch.jit.trace(model, (x,))
+    torch.testing.assert_close(traced(x), model(x), rtol=1e-12, atol=1e-12)
+
+
 def test_jit_script_is_not_supported():
     # Documented limitation (README, "Guarantees"): keep this test in step with it.
     layer = _layer("cp", "factorized", 1)

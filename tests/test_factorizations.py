@@ -89,6 +89,14 @@ def test_contract_matches_matrix(weight, batch):
 
 
 @given(weight=weights())
+def test_operand_shapes_are_known_without_the_tensors(weight):
+    """Planning reads operand shapes from ranks and shapes alone (no tensor touched)."""
+    for selected in (False, True) if weight.n_layers > 1 else (False,):
+        operands = weight._operands(0 if selected else None)
+        assert weight._operand_shapes(selected) == [tuple(t.shape) for t in operands]
+
+
+@given(weight=weights())
 def test_layer_slices_of_full_matrix(weight):
     full = weight.to_matrix()
     if weight.n_layers == 1:

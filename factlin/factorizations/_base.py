@@ -109,6 +109,11 @@ class FactorizedWeight(nn.Module, ABC):
         """The tensors to contract; with ``layer`` given, the layer mode is indexed away."""
 
     @abstractmethod
+    def _operand_shapes(self, layer_selected: bool) -> list[Shape]:
+        """The shapes of :meth:`_operands`, from the shapes and ranks alone: planning may run
+        inside ``torch.jit.trace``, which records even a parameter's ``.shape`` read."""
+
+    @abstractmethod
     def reset_parameters(self, std: float) -> None:
         """Random init: the rebuilt weight has mean 0 and standard deviation ``std``."""
 
@@ -145,32 +150,40 @@ class FactorizedWeight(nn.Module, ABC):
         """Number of scalars stored."""
         return sum(p.numel() for p in self.parameters())
 
-    def _plan(self, kind: str, layer_selected: bool, batch: int) -> ContractionPlan:
-        """The cached plan for ``kind`` ('contract' or 'tensor'); built on first use only."""
-        key = (kind, layer_selected, batch)
+    def _plan(
+        self, kind: str, layer_selected: bool, batch: int, grad: bool = False
+    ) -> ContractionPlan:
+        """The cached plan for ``kind`` ('contract' or 'tensor'), chosen for a forward alone or
+        (``grad``) a forward and a backward; built on first use only."""
+        key = (kind, layer_selected, batch, grad)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._build_plan(kind, layer_selected, batch)
+            plan = self._build_plan(kind, layer_selected, batch, grad)
             self._plans[key] = plan
         return plan
 
     @constant_under_compile
-    def _plan_steps(self, kind: str, layer_selected: bool, batch: int) -> tuple:
-        return self._plan(kind, layer_selected, batch).steps
+    def _plan_steps(self, kind: str, layer_selected: bool, batch: int, grad: bool) -> tuple:
+        return self._plan(kind, layer_selected, batch, grad).steps
 
     def _run_plan(
         self, kind: str, layer_selected: bool, batch: int, operands: list[torch.Tensor]
     ) -> torch.Tensor:
-        """Execute the cached plan. Under ``torch.compile`` / ``torch.export`` the plan is found
-        (or built) outside the traced graph, as planning is Python work dynamo cannot trace, and
-        only its steps, plain constants, enter the graph."""
+        """Execute the cached plan (the training one while autograd is on). Under
+        ``torch.compile`` / ``torch.export`` the plan is found (or built) outside the traced
+        graph, as planning is Python work dynamo cannot trace, and only its steps, plain
+        constants, enter the graph."""
+        # One plan for any `torch.jit.trace`: it checks its graph by tracing again without grad.
+        grad = torch.is_grad_enabled() and not torch.jit.is_tracing()
         if torch.compiler.is_compiling():
-            return run_steps(self._plan_steps(kind, layer_selected, batch), operands)
-        return self._plan(kind, layer_selected, batch)(*operands)
+            return run_steps(self._plan_steps(kind, layer_selected, batch, grad), operands)
+        return self._plan(kind, layer_selected, batch, grad)(*operands)
 
-    def _build_plan(self, kind: str, layer_selected: bool, batch: int) -> ContractionPlan:
+    def _build_plan(
+        self, kind: str, layer_selected: bool, batch: int, grad: bool = False
+    ) -> ContractionPlan:
         subscripts, layer_letters, out_letters, in_letters = self._signature(layer_selected)
-        shapes = [tuple(t.shape) for t in self._operands(0 if layer_selected else None)]
+        shapes = self._operand_shapes(layer_selected)
         if kind == "contract":
             in_sizes = self._contraction_in_shape()
             subscripts = [_BATCH_LETTER + in_letters, *subscripts]
@@ -180,7 +193,7 @@ class FactorizedWeight(nn.Module, ABC):
             output = ("" if layer_selected else layer_letters) + out_letters + in_letters
         equation = ",".join(subscripts) + "->" + output
         if kind != "contract":
-            return plan_contraction(equation, shapes)
+            return plan_contraction(equation, shapes, with_backward=grad)
         # Factors may be contracted together first where that is faster (at large batches even
         # the whole weight, as one einsum over x and the factors would), but no weight-only
         # intermediate may be much larger than the weight.
@@ -190,6 +203,7 @@ class FactorizedWeight(nn.Module, ABC):
             shapes,
             batch_mode=_BATCH_LETTER,
             max_weight_intermediate=_WEIGHT_INTERMEDIATE_FACTOR * weight_size,
+            with_backward=grad,
         )
 
     def _contraction_in_shape(self) -> Shape:
@@ -211,13 +225,14 @@ class FactorizedWeight(nn.Module, ABC):
         """FLOPs of rebuilding one layer's matrix (:meth:`to_matrix` with a layer index)."""
         return self._plan("tensor", self.n_layers > 1, 0).flops
 
-    def contract_seconds(self, batch: int) -> float:
-        """Modelled time of :meth:`contract` for ``batch`` rows (see :mod:`factlin.contraction`)."""
-        return self._plan("contract", self.n_layers > 1, batch_bucket(batch)).seconds
+    def contract_seconds(self, batch: int, grad: bool = False) -> float:
+        """Modelled time of :meth:`contract` for ``batch`` rows, with its backward when ``grad``
+        (see :mod:`factlin.contraction`)."""
+        return self._plan("contract", self.n_layers > 1, batch_bucket(batch), grad).seconds
 
-    def matrix_seconds(self) -> float:
-        """Modelled time of rebuilding one layer's matrix."""
-        return self._plan("tensor", self.n_layers > 1, 0).seconds
+    def matrix_seconds(self, grad: bool = False) -> float:
+        """Modelled time of rebuilding one layer's matrix, with its backward when ``grad``."""
+        return self._plan("tensor", self.n_layers > 1, 0, grad).seconds
 
     def contract(self, x: torch.Tensor, layer: Optional[int] = None) -> torch.Tensor:
         """Apply the weight to ``x`` of shape ``(batch, in_features)`` without rebuilding it.

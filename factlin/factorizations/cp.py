@@ -76,6 +76,12 @@ class CPWeight(FactorizedWeight):
             factors[0] = factors[0][layer]
         return [self.weights, *factors]
 
+    def _operand_shapes(self, layer_selected: bool) -> list[Shape]:
+        shapes = [(self.rank,), *((n, self.rank) for n in self.tensor_shape)]
+        if layer_selected:
+            shapes[1] = shapes[1][1:]
+        return shapes
+
     @torch.no_grad()
     def reset_parameters(self, std: float) -> None:
         shape = self.tensor_shape

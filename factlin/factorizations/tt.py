@@ -104,6 +104,17 @@ class TTWeight(FactorizedWeight):
         operands[last] = operands[last].squeeze(-1)
         return operands
 
+    def _operand_shapes(self, layer_selected: bool) -> list[Shape]:
+        outs, ins = self._core_modes
+        ranks = self.rank
+        shapes = [(ranks[k], o, i, ranks[k + 1]) for k, (o, i) in enumerate(zip(outs, ins))]
+        if self.n_layers > 1:  # (1, n_layers, 1, r_1) -> (r_1,) or (n_layers, r_1)
+            shapes[0] = shapes[0][3:] if layer_selected else (shapes[0][1], shapes[0][3])
+        else:
+            shapes[0] = shapes[0][1:]
+        shapes[-1] = shapes[-1][:-1]
+        return shapes
+
     @torch.no_grad()
     def reset_parameters(self, std: float) -> None:
         # Centre the last core over its (out, in) slice (so the weight sums to zero), then

@@ -72,6 +72,12 @@ class TuckerWeight(FactorizedWeight):
             factors[0] = factors[0][layer]
         return [self.core, *factors]
 
+    def _operand_shapes(self, layer_selected: bool) -> list[Shape]:
+        shapes = [tuple(self.rank), *zip(self.tensor_shape, self.rank)]
+        if layer_selected:
+            shapes[1] = shapes[1][1:]
+        return shapes
+
     @torch.no_grad()
     def reset_parameters(self, std: float) -> None:
         shape = self.tensor_shape
