@@ -99,6 +99,30 @@ def test_plans_are_built_once_and_reused(factorization):
     torch.testing.assert_close(y, expected)
 
 
+@pytest.mark.parametrize("factorization", ["cp", "tucker", "tt"])
+def test_training_and_inference_plans_are_kept_apart(factorization):
+    """With autograd on, the plan chosen for a forward and a backward runs; under no_grad, the
+    one chosen for a forward alone; both give the same values."""
+    layer = FactorizedLinear((4, 6), (6, 4), factorization=factorization, rank=0.3).double()
+    x = torch.randn(10, 24, dtype=torch.float64)
+    y_train = layer(x)
+    assert [key[-1] for key in layer.weight._plans] == [True]
+    with torch.no_grad():
+        y_infer = layer(x)
+    assert sorted(key[-1] for key in layer.weight._plans) == [False, True]
+    torch.testing.assert_close(y_train.detach(), y_infer)
+
+
+def test_training_plans_count_the_backward():
+    """The backward of a product is two more products: a plan for training is modelled
+    dearer than the same contraction for inference, by about twice the products' time."""
+    equation, shapes = "zab,bc->zac", [(64, 32, 48), (48, 40)]
+    inference = plan_contraction(equation, shapes, batch_mode="z")
+    training = plan_contraction(equation, shapes, batch_mode="z", with_backward=True)
+    assert training.flops == inference.flops
+    assert 2 * inference.seconds < training.seconds < 4 * inference.seconds
+
+
 def test_plan_execution_does_not_replan(monkeypatch):
     contraction._plan_cached.cache_clear()
     layer = FactorizedLinear((4, 6), (6, 4), factorization="tucker", rank=0.3)
