@@ -4,8 +4,10 @@ Planning picks the order in which the operands of an einsum equation are contrac
 time. Candidate orders come from an exhaustive search over operand subsets (small networks),
 from opt_einsum's searches (dynamic programming; random-greedy for larger networks) and from a
 greedy pass; the winner is the fastest under a small time model of the CPU kernels involved
-(:func:`step_seconds`): FLOPs at a rate that drops for skinny matrix products, memory traffic,
-permutation copies and a fixed cost per step. Each
+(:func:`step_seconds`): FLOPs at a rate that drops for skinny and for narrow matrix products
+(see :mod:`factlin._matmul`), memory traffic, permutation copies, a cost per matrix of a
+batched product and a fixed cost per step; for a plan that will be differentiated (training),
+each step's backward too. Each
 pairwise step is then *compiled* to plain tensor operations (a permutation, a reshape, one
 ``matmul``, or a broadcast product when nothing is summed), with the layout of every
 intermediate chosen so that most permutations are free views. Calling a plan only executes those
