@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ._rebuilt_linear import functorch_active
 from ._state_dict_check import check_state_dict, record_config
 from ._typing import RankSpec, Shape
 from ._validation import (
@@ -126,6 +127,8 @@ class FactorizedLinear(nn.Module):
         self.decomposition_info: Optional[dict] = None
         self._weight_cache = WeightCache()
         self._auto_choices: dict[tuple[int, bool, bool, str], str] = {}
+        #: Per batch bucket: whether 'reconstructed' training takes the factorized backward.
+        self._factorized_backward: dict[int, bool] = {}
         self.weight: FactorizedWeight = weight_class(
             in_shape, out_shape, rank, self.n_layers, device=device, dtype=dtype
         )
@@ -434,6 +437,9 @@ class FactorizedLinear(nn.Module):
                 matrix = self._weight_cache.get(
                     layer, parameters, lambda: self.weight.to_matrix(layer)
                 )
+            elif self._takes_factorized_backward(x):
+                y = self.weight.rebuilt_linear(x.reshape(-1, self.in_features), layer, bias)
+                return y.reshape(*x.shape[:-1], self.out_features)
             else:
                 matrix = self.weight.to_matrix(layer)
             return F.linear(x, matrix, bias)
@@ -442,6 +448,27 @@ class FactorizedLinear(nn.Module):
         y = y.reshape(*x.shape[:-1], self.out_features)
         # In place: y is the plan's fresh result, which no backward needs (saves one buffer).
         return y if bias is None else y.add_(bias)
+
+    def _takes_factorized_backward(self, x: torch.Tensor) -> bool:
+        """Whether this 'reconstructed' call with grad on runs its backward through the
+        factorized contraction (:mod:`factlin._rebuilt_linear`): where the time model says that
+        is cheaper, in eager CPU calls only."""
+        if (
+            not torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or torch.jit.is_tracing()
+            or x.device.type != "cpu"
+            or functorch_active()
+        ):
+            return False
+        batch = x.numel() // self.in_features
+        if batch == 0:
+            return False
+        bucket = batch_bucket(batch)
+        choice = self._factorized_backward.get(bucket)
+        if choice is None:
+            choice = self._factorized_backward[bucket] = self.weight.rebuilt_linear_pays(bucket)
+        return choice
 
     def _use_cache(self) -> bool:
         # Never while tracing: a traced graph would hold the cached matrix as a constant.

@@ -17,8 +17,15 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
+from .._rebuilt_linear import rebuilt_linear
 from .._typing import RankSpec, Shape
-from ..contraction import EINSUM_LETTERS, ContractionPlan, plan_contraction, run_steps
+from ..contraction import (
+    EINSUM_LETTERS,
+    ContractionPlan,
+    matmul_seconds,
+    plan_contraction,
+    run_steps,
+)
 from ..errors import ShapeError
 
 __all__ = ["FactorizedWeight", "Signature"]
@@ -249,6 +256,30 @@ class FactorizedWeight(nn.Module, ABC):
         x = x.reshape(batch, *self._contraction_in_shape())
         y = self._run_plan("contract", selected, batch_bucket(batch), [x, *operands])
         return y.reshape(batch, self.out_features)
+
+    def rebuilt_linear_pays(self, batch: int) -> bool:
+        """Whether, for ``batch`` rows with gradients, the factorized backward of
+        :meth:`rebuilt_linear` is modelled cheaper than autograd's backward of the rebuild (the
+        dense weight gradient, then back through the rebuild)."""
+        selected = self.n_layers > 1
+        factorized = self._plan("contract", selected, batch_bucket(batch), True).seconds
+        rebuild_backward = (
+            self._plan("tensor", selected, 0, True).seconds
+            - self._plan("tensor", selected, 0, False).seconds
+            + matmul_seconds(1, self.out_features, self.in_features, max(1, batch))
+        )
+        return factorized < rebuild_backward
+
+    def rebuilt_linear(
+        self, x: torch.Tensor, layer: int, bias: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """``F.linear(x, self.to_matrix(layer), bias)`` for 2-D ``x``, the operands' gradients
+        computed by the factorized contraction (see :mod:`factlin._rebuilt_linear`)."""
+        selected = self.n_layers > 1
+        operands = self._operands(layer if selected else None)
+        rebuild = self._plan("tensor", selected, 0, False)
+        contract = self._plan("contract", selected, batch_bucket(x.shape[0]), True)
+        return rebuilt_linear(x, bias, rebuild, contract, self._contraction_in_shape(), operands)
 
     def to_tensor(self, layer: Optional[int] = None) -> torch.Tensor:
         """Rebuild the full tensor: ``tensor_shape``, or ``out_shape + in_shape`` for one layer.
