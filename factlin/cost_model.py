@@ -11,7 +11,7 @@ backward step by step (each product's two gradient products, copies back); the d
 counts 3 times (forward, two gradients). Without gradients and with the inference cache on,
 the rebuilt weight is reused, so the reconstructed side costs the dense product alone. On a CPU
 with gradients, the reconstructed side may take its factorized backward
-(:mod:`factlin._rebuilt_linear`) and is costed as the cheaper of the two backwards. The
+(:mod:`factlin._rebuilt_linear`), where that is the cheaper backward, and is costed so. The
 decision is made for the power-of-two bucket of ``B`` and cached per bucket by the layer.
 
 Time comes from one of two device profiles:
@@ -99,17 +99,15 @@ def estimated_seconds(
     if cached and not grad:
         return dense
     rebuild = _plan_seconds(weight, weight._plan("tensor", selected, 0, grad), grad)
-    plain = passes * dense + rebuild
-    if not (grad and _on_cpu(weight)):
-        return plain
-    # with the factorized backward (factlin._rebuilt_linear): rebuild and dense product forward,
-    # the input gradient, then the factorized contraction forward and backward
-    factorized_backward = (
-        weight._plan("tensor", selected, 0, False).seconds
-        + 2 * dense
-        + weight._plan("contract", selected, batch_bucket(batch), True).seconds
-    )
-    return min(plain, factorized_backward)
+    if grad and _on_cpu(weight) and weight.rebuilt_linear_pays(batch):
+        # the factorized backward (factlin._rebuilt_linear): rebuild and dense product forward,
+        # the input gradient, then the factorized contraction forward and backward
+        return (
+            weight._plan("tensor", selected, 0, False).seconds
+            + 2 * dense
+            + weight._plan("contract", selected, batch_bucket(batch), True).seconds
+        )
+    return passes * dense + rebuild
 
 
 def choose_implementation(weight: FactorizedWeight, batch: int, *, grad: bool, cached: bool) -> str:
