@@ -170,3 +170,21 @@ def test_matrix_vector_products_are_modelled_as_streaming():
     # past the caches (768 x 3072 in float32 is 9 MiB) each element costs twice as much
     large = matmul_seconds(1, 1, 3072, 768)
     assert large == 2 * SECONDS_PER_GEMV_ELEMENT * (768 + 768 * 3072 + 3072) + SECONDS_PER_STEP
+
+
+def test_reconstructed_training_is_costed_with_its_cheaper_backward():
+    """Where the factorized backward of 'reconstructed' pays (a Tucker layer at batch 1), the
+    model costs that path: rebuild and dense product forward, input gradient, then the
+    factorized contraction forward and backward."""
+    layer = FactorizedLinear((24, 32), (24, 32), factorization="tucker", rank=0.05)
+    weight = layer.weight
+    assert weight.rebuilt_linear_pays(1)
+    expected = (
+        weight._plan("tensor", False, 0, False).seconds
+        + 2 * cost_model.dense_seconds(weight, 1)
+        + weight._plan("contract", False, 1, True).seconds
+    )
+    got = cost_model.estimated_seconds(weight, "reconstructed", 1, grad=True, cached=False)
+    assert got == expected
+    plain = 3 * cost_model.dense_seconds(weight, 1) + weight._plan("tensor", False, 0, True).seconds
+    assert got < plain
