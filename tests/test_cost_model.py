@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 
-from factlin import FactorizedLinear
+from factlin import FactorizedLinear, cost_model
 from factlin.cost_model import choose_implementation, estimated_seconds
 
 
@@ -147,8 +147,6 @@ def test_accelerator_profile_prefers_few_launches():
     """On a GPU, launches dominate small problems: the cached dense product (one kernel) beats a
     seven-step factorized plan in inference even where the plan needs far fewer FLOPs, which
     the CPU model says the opposite about."""
-    from factlin import cost_model
-
     layer = FactorizedLinear((8, 8, 12), (8, 8, 12), factorization="tucker", rank=0.05)
     assert choose_implementation(layer.weight, 64, grad=False, cached=True) == "factorized"
     plan = layer.weight._plan("contract", False, 64)
