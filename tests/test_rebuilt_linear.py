@@ -149,3 +149,15 @@ def test_not_used_without_grad_or_under_torch_func():
         return sample.sum()
 
     torch.func.vmap(probe)(x)
+
+
+def test_not_used_off_the_cpu():
+    """Measured on an H200 (benchmarks/gpu_forward.py, column rec-fb): forced on, it ran 1.33x
+    slower than the plain backward (geometric mean of 72 configurations), so a GPU layer keeps
+    autograd's backward even where the CPU model says the factorized one pays. ('meta' stands
+    for any non-CPU device.)"""
+    args = dict(factorization="tucker", rank=0.05, implementation="reconstructed")
+    cpu = FactorizedLinear((24, 32), (24, 32), **args)
+    other = FactorizedLinear((24, 32), (24, 32), device="meta", **args)
+    assert cpu._takes_factorized_backward(torch.randn(1, 768))
+    assert not other._takes_factorized_backward(torch.randn(1, 768, device="meta"))
