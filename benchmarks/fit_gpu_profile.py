@@ -4,8 +4,9 @@ Reads the JSON that ``gpu_forward.py --out FILE`` writes (per row: the measured 
 plans' step counts, FLOPs and elements written), fits the three cost lines of
 :class:`factlin.cost_model.GPUProfile` by non-negative least squares on relative error, prints
 them as Python, and scores the choices they lead to: for each row, the measured time of the
-chosen implementation over the faster of the two, in-sample and with each (layer,
-factorization) left out of the fit in turn.
+chosen implementation over the faster of the two, in-sample, with each (layer, modes,
+factorization) left out of the fit in turn, with the constants factlin ships, and as ``'auto'``
+chose them in the run.
 
     python benchmarks/fit_gpu_profile.py results/gpu.json
 
@@ -90,6 +91,20 @@ def score(rows: list[dict], picked: list[tuple[str, str]]) -> str:
     return "; ".join(parts)
 
 
+def _group(row: dict) -> tuple:
+    return (*row["layer"], row.get("modes", 3), row["factorization"])
+
+
+def _library_profile() -> dict[str, np.ndarray]:
+    """The constants factlin ships (:data:`factlin.cost_model.GPU`), as :func:`fit` returns."""
+    from factlin.cost_model import GPU
+
+    return {
+        name: np.array([c.per_call, c.per_step, c.per_flop, c.per_byte])
+        for name, c in ((name, getattr(GPU, name)) for name in LINES)
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", help="JSON written by gpu_forward.py --out")
@@ -105,20 +120,21 @@ def main() -> None:
             f"per_flop={flop:.3g}, per_byte={byte:.3g}),"
         )
     print("in-sample choices:", score(rows, [choices(r, constants) for r in rows]))
-    groups = sorted({(tuple(r["layer"]), r["factorization"]) for r in rows})
+    shipped = _library_profile()
+    print("choices of factlin.cost_model.GPU:", score(rows, [choices(r, shipped) for r in rows]))
+    groups = sorted({_group(r) for r in rows})
     held_out: list = [None] * len(rows)
     for group in groups:
-        inside = [r for r in rows if (tuple(r["layer"]), r["factorization"]) != group]
-        fitted = fit(inside)
+        fitted = fit([r for r in rows if _group(r) != group])
         for i, row in enumerate(rows):
-            if (tuple(row["layer"]), row["factorization"]) == group:
+            if _group(row) == group:
                 held_out[i] = choices(row, fitted)
     print("held-out choices (each layer and factorization left out of its fit):",
           score(rows, held_out))  # fmt: skip
     taken = [(row["auto"]["fwd"], row["auto"]["fb"]) for row in rows]
     full = {"f": "factorized", "r": "reconstructed"}
     if all(t in full for pair in taken for t in pair):
-        print("choices of the run's own profile:",
+        print("choices 'auto' made in the run:",
               score(rows, [(full[a], full[b]) for a, b in taken]))  # fmt: skip
 
 

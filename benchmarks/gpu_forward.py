@@ -11,11 +11,13 @@ the forward + backward only: the layer takes it on a CPU where the time model sa
 this column is how to tell whether it would pay on a GPU.
 
     python benchmarks/gpu_forward.py [--dtype float32|bfloat16] [--reps 25] [--out FILE]
+                                     [--modes 3] [--only TEXT]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -130,6 +132,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON file for the rows")
     parser.add_argument("--only", default="", help="rows whose name contains this text")
     parser.add_argument("--device", default="cuda", help="'cpu' for a smoke run")
+    parser.add_argument(
+        "--modes", type=int, nargs="+", default=[3], help="tensorize each side to these orders"
+    )
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     name_of_device = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -141,8 +146,8 @@ def main() -> None:
           "| f+b ÷dense fac/rec/auto/rec-fb | auto fwd/f+b |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     rows: list[dict] = []
-    for in_features, out_features in LAYERS:
-        in_shape, out_shape = get_tensorized_shape(in_features, out_features, 3)
+    for (in_features, out_features), order in itertools.product(LAYERS, args.modes):
+        in_shape, out_shape = get_tensorized_shape(in_features, out_features, order)
         dense = nn.Linear(in_features, out_features, device=device, dtype=dtype)
         for factorization in FACTORIZATIONS:
             for rank in RANKS:
@@ -152,7 +157,9 @@ def main() -> None:
                 )  # fmt: skip
                 params = [p for p in layer.parameters() if p.requires_grad]
                 for batch in BATCHES:
-                    name = f"{in_features}x{out_features}/3 {factorization} r={rank} B={batch}"
+                    name = (
+                        f"{in_features}x{out_features}/{order} {factorization} r={rank} B={batch}"
+                    )
                     if args.only not in name:
                         continue
                     x = torch.randn(batch, in_features, device=device, dtype=dtype)
@@ -186,7 +193,8 @@ def main() -> None:
                     }
                     rows.append({
                         "name": name, "layer": [in_features, out_features],
-                        "factorization": factorization, "rank": rank, "batch": batch,
+                        "modes": order, "factorization": factorization,
+                        "rank": rank, "batch": batch,
                         "fwd": times["fwd"], "fb": times["fb"], "auto": auto,
                         "plans": _plan_stats(layer, batch),
                         "cpu_model_rebuilt_linear_pays": layer.weight.rebuilt_linear_pays(batch),
@@ -196,7 +204,8 @@ def main() -> None:
                     fb = "/".join(f"{times['fb'][i] / times['fb']['dense']:.2f}"
                                   for i in [*IMPLEMENTATIONS, "rec-fb"])  # fmt: skip
                     print(
-                        f"| {in_features}x{out_features}/3 | {factorization} | {rank} | {batch} "
+                        f"| {in_features}x{out_features}/{order} | {factorization} | {rank} "
+                        f"| {batch} "
                         f"| {times['fwd']['dense']:.3f} | {fwd} | {times['fb']['dense']:.3f} "
                         f"| {fb} | {auto['fwd']}/{auto['fb']} |",
                         flush=True,
