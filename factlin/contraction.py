@@ -32,7 +32,7 @@ from typing import Optional
 
 import opt_einsum
 import torch
-from opt_einsum.paths import DynamicProgramming
+from opt_einsum.paths import DynamicProgramming, branch
 
 from ._matmul import backward_is_narrow, narrow_penalty, oriented_matmul
 
@@ -268,11 +268,22 @@ def _unit_strided(tensor: torch.Tensor) -> torch.Tensor:
 class _Compiled:
     """One pairwise step, compiled, with its modelled cost and the result's mode order."""
 
-    step: Step
+    step: Optional[Step]
     order: str
     seconds: float
     flops: int
     size: int
+
+
+class _ModeSizes(dict):
+    """Sizes of modes (one letter each) that also answers, and remembers, the size of a string
+    of modes: the product of its letters' (the planner asks for the same groups many times)."""
+
+    def __missing__(self, modes: str) -> int:
+        if len(modes) == 1:
+            raise KeyError(modes)
+        value = self[modes] = math.prod(self[c] for c in modes)
+        return value
 
 
 def _is_view(order: str, groups: Sequence[str], sizes: dict[str, int]) -> bool:
@@ -317,15 +328,20 @@ def step_seconds(
     batch_mode: str,
     final_order: Optional[str] = None,
     backward: bool = False,
+    build: bool = True,
 ) -> _Compiled:
     """Compile the contraction of tensors with (contiguous) modes ``left`` and ``right``,
     keeping the modes in ``keep``; returns the cheaper orientation under the time model. With
     ``final_order`` (the last step), the cost of permuting the result into it counts too. With
-    ``backward``, the time of the step's share of the backward pass counts too."""
+    ``backward``, the time of the step's share of the backward pass counts too. Without
+    ``build`` (a search pricing candidates), only the cost and the result's order are filled
+    in, not the step."""
+    if not isinstance(sizes, _ModeSizes):
+        sizes = _ModeSizes(sizes)
     options = []
     for swapped in (False, True):
         a, b = (right, left) if swapped else (left, right)
-        compiled = _compile_oriented(a, b, keep, sizes, batch_mode, swapped, backward)
+        compiled = _compile_oriented(a, b, keep, sizes, batch_mode, swapped, backward, build)
         if final_order is not None:
             extra = copy_seconds(compiled.order, final_order, sizes) * (2 if backward else 1)
             compiled = dataclasses.replace(compiled, seconds=compiled.seconds + extra)
@@ -334,11 +350,10 @@ def step_seconds(
 
 
 def _compile_oriented(
-    a: str, b: str, keep: frozenset[str], sizes: dict[str, int], batch_mode: str, swapped: bool,
-    backward: bool,
+    a: str, b: str, keep: frozenset[str], sizes: _ModeSizes, batch_mode: str, swapped: bool,
+    backward: bool, build: bool = True,
 ) -> _Compiled:  # fmt: skip
-    def size(modes: Sequence[str]) -> int:
-        return math.prod(sizes[c] for c in modes)
+    size = sizes.__getitem__
 
     shared = set(a) & set(b)
     a_sum = [c for c in a if c not in shared and c not in keep]
@@ -378,6 +393,10 @@ def _compile_oriented(
         else:
             seconds += min(matmul_seconds(nb, m, k, n), matmul_seconds(nb, k, m, n))
             seconds += min(matmul_seconds(nb, k, n, m), matmul_seconds(nb, n, k, m))
+    order = batched + a_free + b_free
+    flops = 2 * nb * m * n * k
+    if not build:
+        return _Compiled(None, order, seconds, flops, size(order))
 
     def dim(modes: str) -> int:
         # -k stands for (batch size) * k: the batch size is read off the input at call time
@@ -398,7 +417,6 @@ def _compile_oriented(
     b_perm = _permutation(b_rest, "".join(b_groups))
     a_shape = _reshape(a_groups, dim)
     b_shape = _reshape(b_groups, dim)
-    order = batched + a_free + b_free
     result_groups = [batched, a_free, b_free] if batched else [a_free, b_free]
     result_shape = tuple(dim(c) for c in order) or (1,)
     if all(len(g) == 1 for g in result_groups):
@@ -411,7 +429,6 @@ def _compile_oriented(
         a_perm, a_shape, b_perm, b_shape, product, result_shape,
         (dim(a_free), dim(summed), dim(b_free)),
     )  # fmt: skip
-    flops = 2 * nb * m * n * k
     return _Compiled(step, order, seconds, flops, size(order))
 
 
@@ -457,19 +474,21 @@ def _search_exhaustive(
         if subset != full and not allowed(legs):
             continue
         low = subset & -subset
+        final = output if subset == full else None
         candidate: Optional[tuple[float, str, tuple[int, int]]] = None
         part = (subset - 1) & subset
         while part:
             if part & low:
                 rest = subset ^ part
                 if part in best and rest in best:
-                    left, right = best[part], best[rest]
-                    if set(left[1]) & set(right[1]):
-                        final = output if subset == full else None
+                    (left_s, left, _), (right_s, right, _) = best[part], best[rest]
+                    below = left_s + right_s  # a step costs more than nothing: skip what
+                    # cannot beat the best split found
+                    if (candidate is None or below < candidate[0]) and set(left) & set(right):
                         compiled = step_seconds(
-                            left[1], right[1], legs, sizes, batch_mode, final, backward
+                            left, right, legs, sizes, batch_mode, final, backward, False
                         )
-                        seconds = left[0] + right[0] + compiled.seconds
+                        seconds = below + compiled.seconds
                         if candidate is None or seconds < candidate[0]:
                             candidate = (seconds, compiled.order, (part, rest))
             part = (part - 1) & subset
@@ -514,12 +533,14 @@ def _search_greedy(
                 legs = _legs(si | sj, terms, output)
                 if len(working) > 2 and not allowed(legs):
                     continue
-                compiled = step_seconds(ti, tj, legs, sizes, batch_mode, backward=backward)
+                compiled = step_seconds(
+                    ti, tj, legs, sizes, batch_mode, backward=backward, build=False
+                )
                 options.append((compiled.seconds, i, j, compiled.order))
         if not options:  # nothing connected is allowed: take the first pair
             legs = _legs(working[0][0] | working[1][0], terms, output)
             options = [(0.0, 0, 1, step_seconds(working[0][1], working[1][1], legs, sizes,
-                                                 batch_mode).order)]  # fmt: skip
+                                                 batch_mode, build=False).order)]  # fmt: skip
         _, i, j, order = min(options)
         subset = working[i][0] | working[j][0]
         pairs.append((i, j))
@@ -632,7 +653,7 @@ def _plan_cached(
             equation, inner.path, (*pairwise, final), inner.flops,
             inner.largest_intermediate, inner.seconds, inner.elements_written,
         )  # fmt: skip
-    sizes: dict[str, int] = {}
+    sizes = _ModeSizes()
     for term, shape in zip(terms, shapes):
         sizes.update(zip(term, (int(n) for n in shape)))
     if len(terms) == 1:
@@ -651,7 +672,7 @@ def _plan_cached(
     candidates = []
     if len(terms) <= _MAX_EXHAUSTIVE:
         candidates.append(_search_exhaustive(terms, output, sizes, batch_mode, allowed, backward))
-    candidates.extend(_opt_einsum_paths(equation, shapes))
+    candidates.extend(_opt_einsum_paths(terms, output, sizes))
     candidates.append(_search_greedy(terms, output, sizes, batch_mode, allowed, backward))
     best = None
     for path in candidates:
@@ -703,24 +724,34 @@ def _squeezed(
 
 
 def _opt_einsum_paths(
-    equation: str, shapes: Sequence[Sequence[int]]
+    terms: Sequence[str], output: str, sizes: dict[str, int]
 ) -> list[Optional[list[tuple[int, int]]]]:
     """opt_einsum's orders, pairwise: its dynamic programming on FLOPs plus intermediate sizes
     for small networks; for larger ones, where that search explodes (a CP weight is one
-    hyperedge joining every factor), its seeded random-greedy and branch searches."""
+    hyperedge joining every factor), its seeded random-greedy and branch searches.
+
+    The searches are called with integer mode labels: they iterate over sets of labels, and
+    integers hash alike in every process where strings do not (``PYTHONHASHSEED``), so the
+    orders found, and the plan, are the same in every run."""
+    if len(terms) < 3:
+        return []
+    inputs = [frozenset(map(ord, term)) for term in terms]
+    output_set = frozenset(map(ord, output))
+    size_dict = {ord(c): n for c, n in sizes.items() if len(c) == 1}
     optimizers: list = []
-    if len(shapes) <= _MAX_DYNAMIC_PROGRAMMING:
+    if len(terms) <= _MAX_DYNAMIC_PROGRAMMING:
         optimizers.append(DynamicProgramming(minimize="combo"))
-    if len(shapes) > _MAX_EXHAUSTIVE:
-        optimizers += [opt_einsum.RandomGreedy(max_repeats=_RANDOM_GREEDY_REPEATS), "branch-2"]
+    if len(terms) > _MAX_EXHAUSTIVE:
+        optimizers += [
+            opt_einsum.RandomGreedy(max_repeats=_RANDOM_GREEDY_REPEATS),
+            functools.partial(branch, nbranch=2),
+        ]
     state = random.getstate()  # random-greedy seeds Python's generator with its trial numbers
     try:
         paths = []
         for optimize in optimizers:
             try:
-                path, _ = opt_einsum.contract_path(
-                    equation, *shapes, shapes=True, optimize=optimize
-                )
+                path = optimize(inputs, output_set, size_dict)
             except (ValueError, TypeError):  # e.g. scalar operands opt_einsum does not take
                 paths.append(None)
                 continue

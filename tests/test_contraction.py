@@ -268,3 +268,28 @@ def test_plan_keeps_at_most_two_large_intermediates_alive():
         layer(x)
         peak = _peak_allocated_bytes(lambda: layer(x))
     assert peak <= 2.2 * largest, (peak, largest)
+
+
+def test_plans_are_the_same_in_every_process():
+    """Plans do not depend on string hashing (``PYTHONHASHSEED``): opt_einsum's searches iterate
+    over sets of mode labels, so they are given integers. Two-layer CP on three modes is a case
+    whose plan varied between processes before."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from factlin import FactorizedLinear\n"
+        "layer = FactorizedLinear((8, 8, 12), (12, 8, 8), factorization='cp', n_layers=2)\n"
+        "for batch, grad in ((1, False), (64, True)):\n"
+        "    print(layer.weight._plan('contract', True, batch, grad).path)\n"
+        "print(layer.weight._plan('tensor', True, 0, False).path)\n"
+    )
+    outputs = set()
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+        )
+        outputs.add(done.stdout)
+    assert len(outputs) == 1
