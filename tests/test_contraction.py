@@ -207,8 +207,8 @@ def test_resolved_shapes_are_kept_per_batch_size_and_bounded():
         x = torch.randn(rows, 2, 3, dtype=torch.float64)
         expected = torch.einsum("zab,ar,br->zr", x, *factors)
         torch.testing.assert_close(plan(x, *factors), expected)
-        assert rows in plan._shapes_by_batch
-        assert len(plan._shapes_by_batch) <= contraction._MAX_SIZED_BATCHES
+        assert rows in plan._runners
+        assert len(plan._runners) <= contraction._MAX_SIZED_BATCHES
 
 
 def test_batched_products_get_unit_strided_matrices():
@@ -293,3 +293,30 @@ def test_plans_are_the_same_in_every_process():
         )
         outputs.add(done.stdout)
     assert len(outputs) == 1
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker", "tt"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_straight_line_runner_equals_the_step_interpreter(factorization, grad):
+    """A plan's call runs code generated for its batch size (contraction.compile_runner); it
+    performs run_steps' operations, so values and gradients are bitwise the same."""
+    layer = FactorizedLinear(
+        (4, 6, 5), (6, 4, 5), factorization=factorization, rank=0.4, dtype=torch.float64
+    )
+    weight = layer.weight
+    operands = weight._operands(None)
+    for batch in (1, 3, 64):
+        x = torch.randn(batch, 4, 6, 5, dtype=torch.float64, requires_grad=True)
+        plan = weight._plan("contract", False, batch_bucket(batch), grad)
+        shapes = contraction._resolve_shapes(plan.steps, batch, eager=True)
+        with torch.set_grad_enabled(grad):
+            got = plan(x, *operands)
+            expected = contraction.run_steps(plan.steps, [x, *operands], shapes, eager=True)
+        assert torch.equal(got, expected)
+        if grad:
+            seed = torch.randn_like(got)
+            inputs = [x, *weight.parameters()]
+            got_grads = torch.autograd.grad(got, inputs, seed)
+            expected_grads = torch.autograd.grad(expected, inputs, seed)
+            for a, b in zip(got_grads, expected_grads):
+                assert torch.equal(a, b)
