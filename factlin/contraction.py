@@ -76,6 +76,13 @@ _GATHER_PENALTY = 3.0
 SECONDS_PER_BATCHED_MATRIX = 2e-7
 #: Fixed cost of one step (its few kernel launches plus the Python around them).
 SECONDS_PER_STEP = 2e-5
+#: Seconds per element of a buffer too large for the C allocator to keep between calls (above
+#: glibc's largest mmap threshold, 32 MiB): each call maps it afresh and pays its page faults.
+#: Measured, float32 elementwise product: 2.5-2.8 ns per element from 48 MiB up (5-6x the
+#: product's own time), nothing up to 32 MiB.
+SECONDS_PER_FRESH_ELEMENT = 2.6e-9
+#: ...for buffers above this many elements (32 MiB of float32).
+_FRESH_ELEMENTS = 8 << 20
 #: Largest operand count searched exhaustively by :func:`_search_exhaustive` (3**n splits).
 _MAX_EXHAUSTIVE = 8
 #: Largest operand count given to opt_einsum's dynamic programming (fully connected networks,
@@ -383,17 +390,24 @@ def _batch_innermost(order: str, batched: str, sizes: dict[str, int], product: b
     return not product and bool(kept) and kept[-1] in batched
 
 
+def fresh_seconds(elements: int) -> float:
+    """Modelled cost of allocating a buffer of ``elements`` anew on every call: its page faults,
+    where the allocator cannot keep it (see :data:`SECONDS_PER_FRESH_ELEMENT`)."""
+    return SECONDS_PER_FRESH_ELEMENT * elements if elements > _FRESH_ELEMENTS else 0.0
+
+
 def copy_seconds(current: str, target: str, sizes: dict[str, int]) -> float:
     """Modelled time of permuting a contiguous tensor with modes ``current`` into ``target``
     order: free when nothing moves; cheaper when the innermost mode stays innermost (the copy
-    moves contiguous runs) than when it becomes strided (a gather)."""
+    moves contiguous runs) than when it becomes strided (a gather). The copy is a new buffer."""
     moved = [c for c in current if sizes[c] > 1]
     wanted = [c for c in target if sizes[c] > 1]
     if moved == wanted:
         return 0.0
     elements = math.prod(sizes[c] for c in current)
     runs_kept = bool(moved) and moved[-1] == wanted[-1]
-    return SECONDS_PER_COPIED_ELEMENT * elements * (1 if runs_kept else _GATHER_PENALTY)
+    copying = SECONDS_PER_COPIED_ELEMENT * elements * (1 if runs_kept else _GATHER_PENALTY)
+    return copying + fresh_seconds(elements)
 
 
 def step_seconds(
@@ -453,6 +467,7 @@ def _compile_oriented(
         seconds += SECONDS_PER_PRODUCT_ELEMENT * nb * m * n
     else:
         seconds += matmul_seconds(nb, m, n, k)
+    seconds += fresh_seconds(nb * m * n)  # the result
     a_groups = (batched, a_free, summed) if not product else (batched, a_free)
     b_groups = (batched, summed, b_free) if not product else (batched, b_free)
     copies = 0.0
@@ -465,10 +480,13 @@ def _compile_oriented(
         # or two matrix products, each run in its cheaper orientation (see factlin._matmul)
         seconds += copies
         if product:
-            seconds += 2 * SECONDS_PER_PRODUCT_ELEMENT * nb * m * n
+            # each gradient: the output gradient times the other operand (full size), then
+            # summed over the broadcast modes
+            seconds += 2 * (SECONDS_PER_PRODUCT_ELEMENT * nb * m * n + fresh_seconds(nb * m * n))
         else:
             seconds += min(matmul_seconds(nb, m, k, n), matmul_seconds(nb, k, m, n))
             seconds += min(matmul_seconds(nb, k, n, m), matmul_seconds(nb, n, k, m))
+            seconds += fresh_seconds(nb * m * k) + fresh_seconds(nb * k * n)  # the gradients
     order = batched + a_free + b_free
     flops = 2 * nb * m * n * k
     if not build:

@@ -203,15 +203,24 @@ class FactorizedWeight(nn.Module, ABC):
             return plan_contraction(equation, shapes, with_backward=grad)
         # Factors may be contracted together first where that is faster (at large batches even
         # the whole weight, as one einsum over x and the factors would), but no weight-only
-        # intermediate may be much larger than the weight.
-        weight_size = self.in_features * self.out_features
-        return plan_contraction(
-            equation,
-            shapes,
-            batch_mode=_BATCH_LETTER,
-            max_weight_intermediate=_WEIGHT_INTERMEDIATE_FACTOR * weight_size,
+        # intermediate may be much larger than the weight, or than the plan's largest
+        # intermediate anyway: where the batch makes that larger (CP at a high rank: a
+        # (rank, batch, mode) tensor), a Khatri-Rao product of the input factors no larger
+        # than it may replace skinny batched steps by two large GEMMs (3.5x faster measured,
+        # CP (32, 32) rank 8128 at batch 64).
+        limit = _WEIGHT_INTERMEDIATE_FACTOR * self.in_features * self.out_features
+        plan = plan_contraction(
+            equation, shapes, batch_mode=_BATCH_LETTER, max_weight_intermediate=limit,
             with_backward=grad,
-        )
+        )  # fmt: skip
+        if plan.largest_intermediate > limit:
+            relaxed = plan_contraction(
+                equation, shapes, batch_mode=_BATCH_LETTER,
+                max_weight_intermediate=plan.largest_intermediate, with_backward=grad,
+            )  # fmt: skip
+            if relaxed.seconds < plan.seconds:
+                return relaxed
+        return plan
 
     def _contraction_in_shape(self) -> Shape:
         """Shape the input's feature dimension is reshaped to (may pad with size-1 modes)."""
