@@ -6,12 +6,16 @@ from opt_einsum's searches (dynamic programming; random-greedy for larger networ
 greedy pass; the winner is the fastest under a small time model of the CPU kernels involved
 (:func:`step_seconds`): FLOPs at a rate that drops for skinny and for narrow matrix products
 (see :mod:`factlin._matmul`), memory traffic, permutation copies, a cost per matrix of a
-batched product and a fixed cost per step; for a plan that will be differentiated (training),
-each step's backward too. Each
-pairwise step is then *compiled* to plain tensor operations (a permutation, a reshape, one
-``matmul``, or a broadcast product when nothing is summed), with the layout of every
-intermediate chosen so that most permutations are free views. Calling a plan only executes those
-operations: no parsing, no path search, no ``torch.einsum`` dispatch.
+batched product, the page faults of buffers too large for the allocator to keep
+(:func:`fresh_seconds`) and a fixed cost per step; for a plan that will be differentiated
+(training), each step's backward too. The searches price candidate steps without building them,
+and are deterministic: the same shapes give the same plan in every process. Each pairwise step
+is then *compiled* to plain tensor operations (a permutation, a reshape, one ``matmul``, a
+broadcast product when nothing is summed, or a product and a sum for a batch of dot products),
+with the layout of every intermediate chosen so that most permutations are free views. Calling
+a plan only executes those operations, as straight-line Python generated once per batch size
+(:func:`compile_runner`): no parsing, no path search, no ``torch.einsum`` dispatch, no loop
+interpreting the steps.
 
 A plan depends on shapes alone, never on dtype or device, so it stays valid across ``.to()``. Its
 steps are plain tuples of ints, so ``torch.compile`` and ``torch.export`` trace them as constants.
