@@ -306,13 +306,19 @@ def compile_runner(steps: Sequence, shapes: tuple, eager: bool) -> Callable[...,
         left, right = names[left_at], names[right_at]
         del names[max(left_at, right_at)]
         del names[min(left_at, right_at)]
-        lines.append(f"    left = {_view_code(left, left_sum, left_perm, left_shape)}")
-        lines.append(f"    right = {_view_code(right, right_sum, right_perm, right_shape)}")
-        # drop the inputs' names at once: where a reshape copied, the original is freed
-        # before the product allocates (run_steps' memory: at most 2 intermediates alive)
-        dropped = [n for n in (left, right) if n.startswith("t")]
-        if dropped:
-            lines.append(f"    del {', '.join(dropped)}")
+        # drop each input's name once its view is taken: where the reshape copied, the
+        # original is freed before the other operand's copy and the product allocate (at most
+        # 2 intermediates alive); an intermediate's view first, so that its original is gone
+        # before an operand's copy is made
+        sides = [
+            ("left", left, left_sum, left_perm, left_shape),
+            ("right", right, right_sum, right_perm, right_shape),
+        ]
+        sides.sort(key=lambda side: not side[1].startswith("t"))
+        for side, source, sums, perm, shape in sides:
+            lines.append(f"    {side} = {_view_code(source, sums, perm, shape)}")
+            if source.startswith("t"):
+                lines.append(f"    del {source}")
         dot_code = "result = (left * right.transpose(1, 2)).sum(-1, keepdim=True)"
         if product:
             lines.append("    result = left * right")
