@@ -257,17 +257,20 @@ def _peak_allocated_bytes(fn) -> int:
 
 
 @pytest.mark.filterwarnings("ignore")  # the profiler's own warnings on some platforms
-def test_plan_keeps_at_most_two_large_intermediates_alive():
-    """Each step frees its inputs before the next one copies and multiplies: a TT contraction
-    at batch 1 peaks at about two of its largest intermediates, not three."""
+@pytest.mark.parametrize("batch", [1, 64])
+def test_plan_keeps_at_most_two_large_intermediates_alive(batch):
+    """Each step frees its inputs as soon as their views are taken (an intermediate's first):
+    a TT contraction peaks at two of its largest intermediates, not three (batch 1, before:
+    184,320 bytes for a 61,440-byte intermediate), nor two and an input copy (batch 64,
+    before: 2.08 times)."""
     layer = FactorizedLinear((8, 8, 12), (8, 8, 12), factorization="tt", rank=(1, 20, 20, 1))
-    x = torch.randn(1, 768)
-    plan = layer.weight._plan("contract", False, batch_bucket(1))
+    x = torch.randn(batch, 768)
+    plan = layer.weight._plan("contract", False, batch_bucket(batch))
     largest = plan.largest_intermediate * x.element_size()
     with torch.no_grad():
         layer(x)
         peak = _peak_allocated_bytes(lambda: layer(x))
-    assert peak <= 2.2 * largest, (peak, largest)
+    assert peak <= 2 * largest + 1024, (peak, largest)
 
 
 def test_plans_are_the_same_in_every_process():
