@@ -294,7 +294,7 @@ def compile_runner(steps: Sequence, shapes: tuple, eager: bool) -> Callable[...,
     :func:`run_steps`'s: grad on, eager, on a CPU."""
     *pairwise, (final_sum, final_perm, _, _, _) = steps
     squeeze, step_shapes, unsqueeze = shapes
-    n_operands = len(squeeze) if squeeze else _operand_count(steps)
+    n_operands = len(steps)  # the pairwise steps join them two by two, then the final step
     lines = [f"def run(orient, {', '.join(f'o{i}' for i in range(n_operands))}):"]
     names = [f"o{i}" for i in range(n_operands)]
     for i, shape in enumerate(squeeze):
@@ -364,11 +364,6 @@ def _view_code(name: str, sums: tuple, perm: tuple, shape: tuple) -> str:
     if shape:
         code += f".reshape({shape!r})"
     return code
-
-
-def _operand_count(steps: Sequence) -> int:
-    """Number of operands of ``steps``: one more than the pairwise steps (each joins two)."""
-    return len(steps)
 
 
 def _unit_strided(tensor: torch.Tensor) -> torch.Tensor:
@@ -611,8 +606,9 @@ def _search_exhaustive(
                 rest = subset ^ part
                 if part in best and rest in best:
                     (left_s, left, _), (right_s, right, _) = best[part], best[rest]
-                    below = left_s + right_s  # a step costs more than nothing: skip what
-                    # cannot beat the best split found
+                    # a step costs more than nothing: a split whose parts alone cost as much
+                    # as the best found cannot win
+                    below = left_s + right_s
                     if (candidate is None or below < candidate[0]) and set(left) & set(right):
                         compiled = step_seconds(
                             left, right, legs, sizes, batch_mode, final, backward, False
