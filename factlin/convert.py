@@ -18,7 +18,6 @@ match the whole name (:meth:`re.Pattern.fullmatch`).
 from __future__ import annotations
 
 import copy
-import fnmatch
 import math
 import numbers
 import re
@@ -32,6 +31,7 @@ from typing import Any, Optional, TextIO, Union
 import torch
 from torch import nn
 
+from ._patterns import NameMatcher, Pattern, Patterns, matches, pattern_str
 from ._typing import RankSpec, Shape
 from ._validation import check_bool, check_implementation, check_int
 from .errors import FactlinError, RankError, describe
@@ -48,10 +48,6 @@ __all__ = [
     "DEFAULT_MIN_FEATURES",
 ]
 
-#: A name pattern: a glob string or a compiled regular expression.
-Pattern = Union[str, re.Pattern]
-#: One pattern or several.
-Patterns = Union[Pattern, Sequence[Pattern]]
 #: A rank for every layer, or a mapping from layer names / patterns to ranks.
 RankArg = Union[RankSpec, Mapping[Pattern, RankSpec]]
 
@@ -251,42 +247,6 @@ def _rank_str(rank: Any) -> str:
 # --------------------------------------------------------------------------------------------
 # Argument checks (all before any work)
 # --------------------------------------------------------------------------------------------
-class _NameMatcher:
-    """Glob strings and compiled regexes, matched against whole qualified names."""
-
-    def __init__(self, name: str, value: object) -> None:
-        self.name = name
-        items = [value] if isinstance(value, (str, re.Pattern)) else value
-        if not isinstance(items, (list, tuple)):
-            raise TypeError(
-                f"{name}={describe(value)}: expected None, a glob string, a compiled regex "
-                "(re.compile) or a list of them"
-            )
-        for item in items:
-            if not isinstance(item, (str, re.Pattern)):
-                raise TypeError(
-                    f"{name}={describe(value)}: every pattern must be a glob string or a "
-                    f"compiled regex, got {describe(item)}"
-                )
-        self.patterns: list[Pattern] = list(items)
-
-    def first_match(self, names: Sequence[str]) -> Optional[Pattern]:
-        for pattern in self.patterns:
-            if any(_matches(pattern, n) for n in names):
-                return pattern
-        return None
-
-
-def _matches(pattern: Pattern, name: str) -> bool:
-    if isinstance(pattern, str):
-        return fnmatch.fnmatchcase(name, pattern)
-    return pattern.fullmatch(name) is not None
-
-
-def _pattern_str(pattern: Pattern) -> str:
-    return repr(pattern) if isinstance(pattern, str) else f"re.compile({pattern.pattern!r})"
-
-
 class _RankRule:
     """One rank for every layer, or the first matching entry of a mapping."""
 
@@ -306,7 +266,7 @@ class _RankRule:
                 try:
                     self.mapping[key] = validate_rank(value)
                 except (TypeError, ValueError) as exc:
-                    raise type(exc)(f"rank mapping entry {_pattern_str(key)}: {exc}") from None
+                    raise type(exc)(f"rank mapping entry {pattern_str(key)}: {exc}") from None
         else:
             self.rank = validate_rank(rank)
 
@@ -322,7 +282,7 @@ class _RankRule:
             if isinstance(key, str) and key in names:
                 return value
         for key, value in self.mapping.items():
-            if any(_matches(key, n) for n in names):
+            if any(matches(key, n) for n in names):
                 return value
         return None
 
@@ -409,8 +369,8 @@ def _plan_layer(
     rank_rule: _RankRule,
     n_modes: int,
     min_features: int,
-    includes: Optional[_NameMatcher],
-    excludes: Optional[_NameMatcher],
+    includes: Optional[NameMatcher],
+    excludes: Optional[NameMatcher],
     owners: dict[int, set[str]],
     check_size: bool,
 ) -> _Plan:
@@ -440,7 +400,7 @@ def _plan_layer(
     if excludes is not None:
         pattern = excludes.first_match(names)
         if pattern is not None:
-            return skip(f"matched exclude pattern {_pattern_str(pattern)}")
+            return skip(f"matched exclude pattern {pattern_str(pattern)}")
     plan.matched = True
     tied = sorted(owners.get(id(weight), set()) - set(names))
     if tied:
@@ -707,8 +667,8 @@ def tensorize_model(
     implementation = check_implementation(implementation)
     n_modes = check_int("n_tensorized_modes", n_tensorized_modes, 1)
     min_features = check_int("min_features", min_features, 1)
-    includes = None if include is None else _NameMatcher("include", include)
-    excludes = None if exclude is None else _NameMatcher("exclude", exclude)
+    includes = None if include is None else NameMatcher("include", include)
+    excludes = None if exclude is None else NameMatcher("exclude", exclude)
     rank_rule = _RankRule(rank)
     if decomposition_kwargs is not None and not isinstance(decomposition_kwargs, dict):
         raise TypeError(
