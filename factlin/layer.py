@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ._calibrated_init import as_input_stats, calibrated_init, check_calibration_kwargs
+from ._linear_like import build_dense, dense_weight, kind_of_layer, remember_kind
 from ._rebuilt_linear import functorch_active
 from ._state_dict_check import check_state_dict, record_config
 from ._typing import RankSpec, Shape
@@ -27,9 +29,10 @@ from .cost_model import choose_implementation
 from .errors import InputError, ShapeError, describe
 from .factorizations import FactorizedWeight, get_factorization, normalize_factorization
 from .factorizations._base import batch_bucket, constant_under_compile
+from .input_stats import InputStats, PairedInputStats
 from .rank import validate_rank
 from .tensorized_shape import get_tensorized_shape
-from .weight_cache import WeightCache
+from .weight_cache import WeightCache, fully_sharded
 
 __all__ = ["FactorizedLinear", "SubFactorizedLinear"]
 
@@ -158,6 +161,8 @@ class FactorizedLinear(nn.Module):
         checkpointing: bool = False,
         decomposition_kwargs: Optional[dict] = None,
         verbose: bool = False,
+        calibration: Optional[torch.Tensor | InputStats | PairedInputStats] = None,
+        calibration_kwargs: Optional[dict] = None,
     ) -> FactorizedLinear:
         """Compress a trained ``nn.Linear`` by decomposing its weight.
 
@@ -185,18 +190,34 @@ class FactorizedLinear(nn.Module):
             ``memory_limit_bytes``, ``callback`` and, for TT, ``rel_tol``.
         verbose : bool, default False
             Log progress through ``logging.getLogger('factlin')``.
+        calibration : Tensor, InputStats or PairedInputStats, optional
+            Inputs of the layer, ``(*, in_features)``, or their statistics
+            (:func:`factlin.collect_input_stats`). Then the factors are fitted to the layer's
+            outputs on these inputs instead of to the weight (see
+            :mod:`factlin.decompositions.calibrated`): the data-free and a whitened start, the
+            better kept, then refined on the exact output error; the bias is corrected for the
+            mean error, ``b + (W - W_hat) mean``.
+        calibration_kwargs : dict, optional
+            With ``calibration``: ``damping`` (default 0.01, relative to the mean input
+            energy), ``refine`` (default True), ``n_iter_max`` (refinement iterations, default
+            50) and ``tol`` (relative improvement to stop at, default 1e-4).
 
         Returns
         -------
         FactorizedLinear
             On the linear's device and dtype; ``decomposition_info`` holds the relative error
-            of the fit and the decomposition's diagnostics.
+            of the fit (``rel_error``, of the weight) and the decomposition's diagnostics; with
+            ``calibration`` also the relative output errors ``||(W - W_hat) L|| / ||W L||``
+            (``L L^T`` the input covariance, or the second moment without a bias):
+            ``output_error``, ``output_error_data_free``, ``output_error_whitened``,
+            ``output_error_start``, and ``start``, ``refine_iter``, ``seconds``.
 
         Raises
         ------
         TypeError, ValueError
             Bad arguments, shapes that do not match the weight, a weight with NaN or inf, or a
-            decomposition whose estimated memory exceeds the limit.
+            decomposition whose estimated memory exceeds the limit; calibration inputs or
+            statistics of another size than ``in_features``, or with NaN or inf.
         """
         weight = _linear_weight("linear", linear)
         out_features, in_features = weight.shape
@@ -225,7 +246,10 @@ class FactorizedLinear(nn.Module):
             )
         linear_bias = getattr(linear, "bias", None)
         use_bias = check_bool("bias", bias) and linear_bias is not None
-        return cls._from_weights(
+        stats = None
+        if calibration is not None:
+            stats = [as_input_stats("calibration", calibration, in_features)]
+        layer = cls._from_weights(
             weight.reshape(*out_shape, *in_shape),
             linear_bias if use_bias else None,
             in_shape,
@@ -237,7 +261,11 @@ class FactorizedLinear(nn.Module):
             checkpointing=checkpointing,
             decomposition_kwargs=decomposition_kwargs,
             verbose=verbose,
+            calibration=stats,
+            calibration_kwargs=calibration_kwargs,
         )
+        remember_kind(layer, linear)  # to_linear() gives a Conv1D back for a Conv1D
+        return layer
 
     @classmethod
     def from_linear_list(
@@ -251,12 +279,16 @@ class FactorizedLinear(nn.Module):
         implementation: str = "reconstructed",
         checkpointing: bool = False,
         decomposition_kwargs: Optional[dict] = None,
+        calibration: Optional[list] = None,
+        calibration_kwargs: Optional[dict] = None,
     ) -> FactorizedLinear:
         """Compress several same-shaped linears jointly into one layer with ``n_layers`` modes.
 
         Their weights are stacked along a leading mode and decomposed together; ``layer[k]``
         approximates ``linear_list[k]``. Biases are stacked when ``bias`` and at least one
         linear has one (a missing bias counts as zeros, so outputs are unchanged).
+        ``calibration`` is a list with one entry per linear (inputs or statistics, as in
+        :meth:`from_linear`): the fit then minimizes the sum of the layers' output errors.
 
         Raises
         ------
@@ -293,6 +325,17 @@ class FactorizedLinear(nn.Module):
             stacked_bias = torch.stack(
                 [b.detach() if b is not None else first.new_zeros(out_features) for b in biases]
             )
+        stats = None
+        if calibration is not None:
+            if not isinstance(calibration, (list, tuple)) or len(calibration) != len(weights):
+                raise TypeError(
+                    f"calibration={describe(calibration)}: expected a list of {len(weights)} "
+                    "entries (inputs or InputStats), one per linear of linear_list"
+                )
+            stats = [
+                as_input_stats(f"calibration[{k}]", c, in_features)
+                for k, c in enumerate(calibration)
+            ]
         tensor = torch.stack(weights).reshape(len(weights), *out_shape, *in_shape)
         return cls._from_weights(
             tensor,
@@ -306,6 +349,8 @@ class FactorizedLinear(nn.Module):
             checkpointing=checkpointing,
             decomposition_kwargs=decomposition_kwargs,
             verbose=False,
+            calibration=stats,
+            calibration_kwargs=calibration_kwargs,
         )
 
     @classmethod
@@ -323,8 +368,11 @@ class FactorizedLinear(nn.Module):
         checkpointing: bool,
         decomposition_kwargs: Optional[dict],
         verbose: bool,
+        calibration: Optional[list[InputStats | PairedInputStats]] = None,
+        calibration_kwargs: Optional[dict] = None,
     ) -> FactorizedLinear:
-        """Build a layer shaped like ``tensor`` and initialize it by decomposing ``tensor``."""
+        """Build a layer shaped like ``tensor`` and initialize it by decomposing ``tensor``
+        (or, with ``calibration``, by the calibrated fit)."""
         if decomposition_kwargs is None:
             decomposition_kwargs = {}
         if not isinstance(decomposition_kwargs, dict):
@@ -339,6 +387,12 @@ class FactorizedLinear(nn.Module):
                 f"decomposition_kwargs has {', '.join(map(repr, unknown))}, which the "
                 f"{normalize_factorization(factorization)!r} decomposition does not take; it "
                 f"accepts {', '.join(sorted(options))}"
+            )
+        fit_options = check_calibration_kwargs(calibration_kwargs)
+        if calibration is not None and "rel_tol" in decomposition_kwargs:
+            raise TypeError(
+                "decomposition_kwargs['rel_tol'] chooses TT ranks by the weight error, which a "
+                "calibrated fit does not minimize: pass a rank (or a budget) with calibration"
             )
         if not torch.isfinite(tensor).all():
             raise InputError(
@@ -364,10 +418,13 @@ class FactorizedLinear(nn.Module):
         kwargs = dict(decomposition_kwargs)
         if verbose and "verbose" in options:
             kwargs.setdefault("verbose", True)
-        info = layer.weight.init_from_tensor(tensor.detach(), **kwargs)
-        if bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(bias.reshape(layer.bias.shape))
+        if calibration is not None:
+            info = calibrated_init(layer, tensor.detach(), bias, calibration, kwargs, fit_options)
+        else:
+            info = layer.weight.init_from_tensor(tensor.detach(), **kwargs)
+            if bias is not None:
+                with torch.no_grad():
+                    layer.bias.copy_(bias.reshape(layer.bias.shape))
         layer.decomposition_info = info
         return layer
 
@@ -439,15 +496,21 @@ class FactorizedLinear(nn.Module):
                 )
             elif self._takes_factorized_backward(x):
                 y = self.weight.rebuilt_linear(x.reshape(-1, self.in_features), layer, bias)
-                return y.reshape(*x.shape[:-1], self.out_features)
+                if x.dim() == 2:
+                    return y
+                return _not_a_view(y.reshape(*x.shape[:-1], self.out_features))
             else:
                 matrix = self.weight.to_matrix(layer)
             return F.linear(x, matrix, bias)
         # (*, in) -> (batch, in) -> (batch, out) -> (*, out)
         y = self.weight.contract(x.reshape(-1, self.in_features), layer)
         y = y.reshape(*x.shape[:-1], self.out_features)
+        if bias is None:
+            return _not_a_view(y)
+        if torch.is_grad_enabled() and fully_sharded():
+            return y + bias  # not a view (see _not_a_view)
         # In place: y is the plan's fresh result, which no backward needs (saves one buffer).
-        return y if bias is None else y.add_(bias)
+        return y.add_(bias)
 
     def _takes_factorized_backward(self, x: torch.Tensor) -> bool:
         """Whether this 'reconstructed' call with grad on runs its backward through the
@@ -477,6 +540,7 @@ class FactorizedLinear(nn.Module):
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing()
+            and not fully_sharded()
         )
 
     def _resolve_auto(self, x: torch.Tensor, cached: bool) -> str:
@@ -529,22 +593,15 @@ class FactorizedLinear(nn.Module):
     def __len__(self) -> int:
         return self.n_layers
 
-    def to_linear(self, indices: int = 0) -> nn.Linear:
-        """A plain ``nn.Linear`` with the rebuilt weight (and bias) of layer ``indices``."""
+    def to_linear(self, indices: int = 0) -> nn.Module:
+        """A dense layer with the rebuilt weight (and bias) of layer ``indices``: a plain
+        ``nn.Linear``, or a Hugging Face ``Conv1D`` when this layer was built from one."""
         layer = check_layer_index("indices", indices, self.n_layers)
-        reference = self.weight_reference
-        linear = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=reference.device,
-            dtype=reference.dtype,
-        )
+        bias = self.bias
+        if bias is not None and self.n_layers > 1:
+            bias = bias[layer]
         with torch.no_grad():
-            linear.weight.copy_(self.weight.to_matrix(layer))
-            if self.bias is not None:
-                linear.bias.copy_(self.bias if self.n_layers == 1 else self.bias[layer])
-        return linear
+            return build_dense(kind_of_layer(self), self.weight.to_matrix(layer), bias)
 
     def extra_repr(self) -> str:
         parts = [
@@ -595,6 +652,15 @@ class SubFactorizedLinear(nn.Module):
         return f"{type(self).__name__}(index={self.index}, main={self.main!r})"
 
 
+def _not_a_view(y: torch.Tensor) -> torch.Tensor:
+    """``y``, copied when it is a view while FSDP2 is in use and autograd is on: FSDP2 hooks
+    its backward (the all-gather) onto a module's output, and an in-place op on a view output
+    (``y += residual``) would drop that hook. ``nn.Linear`` never returns a view."""
+    if y._base is not None and torch.is_grad_enabled() and fully_sharded():
+        return y.clone()
+    return y
+
+
 def _linear_weight(name: str, linear: object) -> torch.Tensor:
     """The detached 2-D weight of an ``nn.Linear``-like module."""
     weight = getattr(linear, "weight", None)
@@ -604,7 +670,8 @@ def _linear_weight(name: str, linear: object) -> torch.Tensor:
         raise ShapeError(f"{name} has a weight of shape {tuple(weight.shape)}; expected 2-D")
     if not weight.is_floating_point():
         raise TypeError(f"{name} has a weight of dtype {weight.dtype}; expected floating point")
-    return weight.detach()
+    # (out, in): a Hugging Face Conv1D stores its weight transposed
+    return dense_weight(linear).detach()
 
 
 def _matching_shape(name: str, value: object, features: int) -> Shape:
