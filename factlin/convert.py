@@ -24,13 +24,14 @@ import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Optional, TextIO, Union
 
 import torch
 from torch import nn
 
+from ._linear_like import dense_weight, is_linear_like, kind_of
 from ._patterns import NameMatcher, Pattern, Patterns, matches, pattern_str
 from ._typing import RankSpec, Shape
 from ._validation import check_bool, check_implementation, check_int
@@ -38,6 +39,7 @@ from .errors import FactlinError, RankError, describe
 from .factorizations import normalize_factorization, resolve_rank
 from .layer import FactorizedLinear, SubFactorizedLinear
 from .rank import validate_rank
+from .report import ConversionReport, LayerRecord, rank_str
 from .tensorized_shape import get_tensorized_shape
 
 __all__ = [
@@ -60,188 +62,6 @@ _TOLERANCE_FACTORIZATIONS = ("tt", "tucker")
 _BUDGET_SLACK = 0.05
 #: With ``progress=None``, start reporting after this many seconds.
 _PROGRESS_DELAY_S = 2.0
-
-
-# --------------------------------------------------------------------------------------------
-# The report
-# --------------------------------------------------------------------------------------------
-@dataclass
-class LayerRecord:
-    """What happened to one linear layer.
-
-    Attributes
-    ----------
-    name : str
-        Qualified name of the layer (the first one when it is registered under several).
-    aliases : tuple of str
-        Its other qualified names (same module object), empty when it has only one.
-    shape : tuple of int
-        ``(out_features, in_features)``.
-    in_tensorized_features, out_tensorized_features : tuple of int or None
-        The tensorized shapes (None when the layer was skipped before they were chosen).
-    factorization : str or None
-        Canonical factorization name of the new layer (None when skipped).
-    rank : int, tuple of int or None
-        The resolved ranks of the new layer (None when skipped).
-    params_before, params_after : int
-        Parameters of the module before and after (equal when skipped); the bias is included.
-    rel_error : float or None
-        Relative Frobenius error of the weight's decomposition.
-    seconds : float
-        Time spent decomposing this layer.
-    skipped : str or None
-        Why the layer was left as it was; None when it was converted.
-    """
-
-    name: str
-    shape: tuple[int, int]
-    params_before: int
-    params_after: int
-    aliases: tuple[str, ...] = ()
-    in_tensorized_features: Optional[Shape] = None
-    out_tensorized_features: Optional[Shape] = None
-    factorization: Optional[str] = None
-    rank: Any = None
-    rel_error: Optional[float] = None
-    seconds: float = 0.0
-    skipped: Optional[str] = None
-
-    @property
-    def converted(self) -> bool:
-        return self.skipped is None
-
-    @property
-    def compression(self) -> float:
-        """``params_before / params_after``."""
-        return self.params_before / max(1, self.params_after)
-
-    def to_dict(self) -> dict:
-        """Plain Python values (JSON-serializable): the fields plus ``compression``."""
-        out = asdict(self)
-        for key in ("shape", "aliases", "in_tensorized_features", "out_tensorized_features"):
-            if out[key] is not None:
-                out[key] = list(out[key])
-        if isinstance(out["rank"], tuple):
-            out["rank"] = list(out["rank"])
-        out["converted"] = self.converted
-        out["compression"] = self.compression
-        return out
-
-
-@dataclass
-class ConversionReport:
-    """The outcome of :func:`tensorize_model`: one record per linear layer, and totals.
-
-    Attributes
-    ----------
-    layers : list of LayerRecord
-        In the order of ``model.named_modules()``.
-    seconds : float
-        Wall time of the whole conversion.
-    model_params_before, model_params_after : int
-        Parameters of the whole model (linear or not) before and after.
-    """
-
-    layers: list[LayerRecord] = field(default_factory=list)
-    seconds: float = 0.0
-    model_params_before: int = 0
-    model_params_after: int = 0
-
-    @property
-    def converted(self) -> list[LayerRecord]:
-        return [r for r in self.layers if r.converted]
-
-    @property
-    def skipped(self) -> list[LayerRecord]:
-        return [r for r in self.layers if not r.converted]
-
-    @property
-    def params_before(self) -> int:
-        """Parameters of all linear layers (converted or not) before the conversion."""
-        return sum(r.params_before for r in self.layers)
-
-    @property
-    def params_after(self) -> int:
-        """Parameters of the same layers afterwards."""
-        return sum(r.params_after for r in self.layers)
-
-    @property
-    def compression(self) -> float:
-        """``params_before / params_after`` over the linear layers."""
-        return self.params_before / max(1, self.params_after)
-
-    def __getitem__(self, name: str) -> LayerRecord:
-        for record in self.layers:
-            if name == record.name or name in record.aliases:
-                return record
-        raise KeyError(f"no linear layer named {name!r} in this report")
-
-    def to_dict(self) -> dict:
-        """Plain Python values (JSON-serializable)."""
-        return {
-            "layers": [r.to_dict() for r in self.layers],
-            "params_before": self.params_before,
-            "params_after": self.params_after,
-            "compression": self.compression,
-            "model_params_before": self.model_params_before,
-            "model_params_after": self.model_params_after,
-            "seconds": self.seconds,
-            "n_converted": len(self.converted),
-            "n_skipped": len(self.skipped),
-        }
-
-    def __str__(self) -> str:
-        header = ("layer", "out x in", "tensorized (out | in)", "rank", "params", "after",
-                  "ratio", "rel err", "sec", "note")  # fmt: skip
-        rows = [header]
-        for r in self.layers:
-            name = r.name or "(model)"
-            if r.aliases:
-                name += " = " + ", ".join(r.aliases)
-            shapes = (
-                f"{_shape_str(r.out_tensorized_features)} | {_shape_str(r.in_tensorized_features)}"
-                if r.in_tensorized_features is not None
-                else "-"
-            )
-            rows.append((
-                name,
-                f"{r.shape[0]}x{r.shape[1]}",
-                shapes,
-                "-" if r.rank is None else _rank_str(r.rank),
-                f"{r.params_before:,}",
-                f"{r.params_after:,}",
-                f"{r.compression:.2f}x",
-                "-" if r.rel_error is None else f"{r.rel_error:.3g}",
-                f"{r.seconds:.2f}",
-                "" if r.skipped is None else f"skipped: {r.skipped}",
-            ))  # fmt: skip
-        widths = [max(len(row[k]) for row in rows) for k in range(len(header) - 1)]
-        numeric = {4, 5, 6, 7, 8}
-        lines = []
-        for row in rows:
-            cells = [
-                row[k].rjust(widths[k]) if k in numeric else row[k].ljust(widths[k])
-                for k in range(len(widths))
-            ]
-            lines.append("  ".join(cells + [row[-1]]).rstrip())
-        lines.insert(1, "-" * len(lines[0]))
-        lines.append(
-            f"{len(self.converted)} of {len(self.layers)} linear layers converted: "
-            f"{self.params_before:,} -> {self.params_after:,} parameters "
-            f"({self.compression:.2f}x); whole model {self.model_params_before:,} -> "
-            f"{self.model_params_after:,}; {self.seconds:.2f} s"
-        )
-        return "\n".join(lines)
-
-
-def _shape_str(shape: Optional[Shape]) -> str:
-    return "x".join(str(n) for n in shape) if shape else "-"
-
-
-def _rank_str(rank: Any) -> str:
-    if isinstance(rank, tuple):
-        return "(" + ",".join(str(r) for r in rank) + ")"
-    return str(rank)
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,10 +126,11 @@ def _module_params(module: nn.Module) -> int:
 
 
 def _linear_groups(model: nn.Module) -> list[tuple[nn.Module, list[str]]]:
-    """Every ``nn.Linear`` (subclasses included) with all the names it is registered under."""
+    """Every ``nn.Linear`` or Hugging Face ``Conv1D`` (subclasses included) with all the names
+    it is registered under."""
     groups: dict[int, tuple[nn.Module, list[str]]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, nn.Linear):
+        if is_linear_like(module):
             groups.setdefault(id(module), (module, []))[1].append(name)
     return list(groups.values())
 
@@ -374,8 +195,8 @@ def _plan_layer(
     owners: dict[int, set[str]],
     check_size: bool,
 ) -> _Plan:
-    weight = module.weight
-    out_features, in_features = (int(n) for n in weight.shape)
+    weight = module.weight  # the parameter (for ties); dense_weight(module) is (out, in)
+    out_features, in_features = (int(n) for n in dense_weight(module).shape)
     before = _module_params(module)
     record = LayerRecord(
         name=names[0],
@@ -390,10 +211,12 @@ def _plan_layer(
         record.skipped = reason
         return plan
 
-    if type(module) is not nn.Linear:
+    if kind_of(module) is None:
         return skip(
-            f"{type(module).__name__} is a subclass of nn.Linear; only plain nn.Linear layers "
-            "are converted (a subclass or its owner may use the weight directly)"
+            f"{type(module).__name__} is a subclass of "
+            f"{'nn.Linear' if isinstance(module, nn.Linear) else 'Conv1D'}; only plain "
+            "nn.Linear and Conv1D layers are converted (a subclass or its owner may use the "
+            "weight directly)"
         )
     if includes is not None and includes.first_match(names) is None:
         return skip("not matched by include")
@@ -545,7 +368,7 @@ class _Progress:
         what = (
             f"skipped ({record.skipped})"
             if record.skipped is not None
-            else f"{record.factorization} rank {_rank_str(record.rank)}, "
+            else f"{record.factorization} rank {rank_str(record.rank)}, "
             f"{record.params_before:,} -> {record.params_after:,} params, "
             f"rel error {record.rel_error:.3g}, {record.seconds:.2f} s"
         )
@@ -777,7 +600,7 @@ def _convert(
             rank = cap
         else:
             wanted = _tucker_tolerance_ranks(
-                linear.weight, plan.in_shape, plan.out_shape, tolerance
+                dense_weight(linear), plan.in_shape, plan.out_shape, tolerance
             )
             rank = _cap_ranks(wanted, cap)
     try:
@@ -801,12 +624,12 @@ def _convert(
         if rel_error is not None and rel_error > tolerance * (1 + 1e-9) + 1e-12:
             record.skipped = (
                 f"rank cap reached before tolerance={tolerance}: rel error {rel_error:.3g} at "
-                f"ranks {_rank_str(new.rank)}"
+                f"ranks {rank_str(new.rank)}"
             )
             return None
         if after >= record.params_before:
             record.skipped = (
-                f"reaching tolerance={tolerance} needs ranks {_rank_str(new.rank)} with "
+                f"reaching tolerance={tolerance} needs ranks {rank_str(new.rank)} with "
                 f"{after:,} parameters, not fewer than the dense {record.params_before:,}"
             )
             return None
