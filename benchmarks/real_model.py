@@ -292,10 +292,11 @@ def input_moments(
 
     def hook(name: str) -> Callable:
         def fn(module: nn.Module, args: tuple) -> None:
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            x = args[0].reshape(-1, args[0].shape[-1])
             acc[name][0] += x.shape[0]
-            acc[name][1] = acc[name][1] + x.T @ x
-            acc[name][2] = acc[name][2] + x.sum(0)
+            # one sequence (<= 128 rows) in float32, the running sums in float64
+            acc[name][1] = acc[name][1] + (x.T @ x).double()
+            acc[name][2] = acc[name][2] + x.double().sum(0)
 
         return fn
 
@@ -606,24 +607,26 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines: dict[str, list[tuple[float, float]]] = {}
+    lines: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for row in sorted_rows(results):
-        if "cos_mean" not in row:
-            continue
-        label = row["method"] + ("" if row["factorization"] == "-" else f" {row['factorization']}")
-        lines.setdefault(label, []).append((row["params"], row["cos_mean"]))
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for label, points in lines.items():
+        if "cos_mean" in row:
+            line = (row["method"], row["factorization"])
+            lines.setdefault(line, []).append((row["params"], row["cos_mean"]))
+    colors = dict(zip(("cp", "tucker", "tt", "lowrank", "auto"), plt.get_cmap("tab10").colors))
+    styles = dict(zip(METHODS, (":", "-", "--", "-.", (0, (1, 1)))))
+    markers = dict(zip(METHODS, "o^sDv"))
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for (method, factorization), points in lines.items():
         points.sort()
-        dashed = label in BASELINES
-        ax.plot(
-            *zip(*points),
-            marker="o",
-            linestyle="--" if dashed else "-",
-            color="black" if dashed else None,
-            alpha=0.6 if label == "svd" else 1.0,
-            label=label,
-        )
+        if method in BASELINES:
+            style = {"color": "black", "linestyle": "--" if method == "svd" else "-"}
+            style.update(marker="x", linewidth=2)
+            label = method
+        else:
+            style = {"color": colors[factorization], "linestyle": styles[method]}
+            style["marker"] = markers[method]
+            label = f"{method} {factorization}"
+        ax.plot(*zip(*points), label=label, **style)
     ax.set_xlabel("parameters of the 36 encoder linears, fraction of dense")
     ax.set_ylabel("mean cosine to the original embedding")
     ax.set_title("all-MiniLM-L6-v2: embeddings after compressing every encoder linear")
