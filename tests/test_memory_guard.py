@@ -33,8 +33,8 @@ def _no_env_limit(monkeypatch):
 
 def test_cp_at_a_huge_rank_is_refused_fast_without_allocating():
     start = time.perf_counter()
-    with pytest.raises(MemoryLimitError) as info:
-        cp_als(torch.empty(HUGE_SHAPE, device="meta"), 173_000)
+    with pytest.raises(MemoryLimitError) as info:  # full ALS asked for: R x R Grams
+        cp_als(torch.empty(HUGE_SHAPE, device="meta"), 173_000, block_size=173_000)
     assert time.perf_counter() - start < 0.5
     message = str(info.value)
     assert "cp_als(shape=(16, 16, 16, 16, 16, 16), rank=173000" in message
@@ -45,7 +45,7 @@ def test_cp_at_a_huge_rank_is_refused_fast_without_allocating():
 
 
 def test_estimate_and_check_alone_refuse_the_same_request():
-    estimate = estimate_cp_als_memory(HUGE_SHAPE, 173_000, 4)
+    estimate = estimate_cp_als_memory(HUGE_SHAPE, 173_000, 4, block_size=173_000)
     assert estimate > 1 << 40
     with pytest.raises(MemoryLimitError, match=r"cp job needs an estimated .* TiB .*Lower"):
         check_memory(estimate, what="cp job", advice="Lower the rank.", limit_bytes=64 << 30)

@@ -8,7 +8,14 @@ memory against a limit before allocating (:mod:`factlin.decompositions.memory`).
 
 from __future__ import annotations
 
-from .cp_als import CPDecomposition, cp_als, cp_to_tensor, estimate_cp_als_memory
+from .budget import TIME_LIMIT_ENV, TimeLimitError, check_time
+from .cp_als import (
+    CPDecomposition,
+    cp_als,
+    cp_to_tensor,
+    estimate_cp_als_memory,
+    estimate_cp_als_seconds,
+)
 from .memory import (
     MEMORY_LIMIT_ENV,
     MemoryLimitError,
@@ -22,15 +29,19 @@ from .tucker import TuckerDecomposition, estimate_tucker_memory, hosvd, tucker, 
 
 __all__ = [
     "MEMORY_LIMIT_ENV",
+    "TIME_LIMIT_ENV",
     "CPDecomposition",
     "MemoryLimitError",
     "TTDecomposition",
+    "TimeLimitError",
     "TuckerDecomposition",
     "available_memory_bytes",
     "check_memory",
+    "check_time",
     "cp_als",
     "cp_to_tensor",
     "estimate_cp_als_memory",
+    "estimate_cp_als_seconds",
     "estimate_tt_svd_memory",
     "estimate_tucker_memory",
     "format_bytes",

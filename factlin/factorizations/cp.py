@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .._typing import RankSpec, Shape
+from ..errors import RankError
 from ..rank import count_cp_params, resolve_cp_rank
 from ._base import FactorizedWeight, Signature, check_einsum_letters, letters, parameter_list
 
@@ -35,7 +36,19 @@ class CPWeight(FactorizedWeight):
     name = "cp"
     #: What ``decomposition_kwargs`` may pass to :func:`factlin.decompositions.cp_als`.
     decomposition_options: ClassVar[frozenset[str]] = frozenset(
-        {"n_iter_max", "tol", "init", "random_state", "memory_limit_bytes", "callback", "verbose"}
+        {
+            "n_iter_max",
+            "tol",
+            "init",
+            "random_state",
+            "line_search",
+            "block_size",
+            "max_seconds",
+            "time_limit_seconds",
+            "memory_limit_bytes",
+            "callback",
+            "verbose",
+        }
     )
 
     def resolve_rank(self, rank: RankSpec) -> int:
@@ -82,6 +95,26 @@ class CPWeight(FactorizedWeight):
             shapes[1] = shapes[1][1:]
         return shapes
 
+    @property
+    def decomposition(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(weights, factors)``, as tensorly's CP tensors (the parameters themselves)."""
+        return self.weights, parameter_list(self.factors)
+
+    def _check_mean_room(self, mean: float) -> None:
+        if self.rank < 2:
+            raise RankError(
+                f"normal_(mean={mean!r}) on a CP weight of rank 1: a non-zero mean takes a "
+                "rank-1 term of its own besides the random ones; use a rank >= 2 or mean=0"
+            )
+
+    def _add_mean(self, mean: float, std: float) -> None:
+        # The last rank-1 term becomes the constant; the others sum to zero each (one factor
+        # is centred), so the deviation is theirs alone: rescale their weights.
+        for factor in self.factors:
+            factor[:, -1] = 1.0
+        self.weights[-1] = mean
+        self._rescale_deviation(mean, std, self.weights[:-1])
+
     @torch.no_grad()
     def reset_parameters(self, std: float) -> None:
         shape = self.tensor_shape
@@ -117,7 +150,14 @@ class CPWeight(FactorizedWeight):
             self.weights.copy_(result.weights)
             for factor, value in zip(self.factors, result.factors):
                 factor.copy_(value)
-        return {"rel_error": float(result.rel_error), "n_iter": int(result.n_iter)}
+        return {
+            "rel_error": float(result.rel_error),
+            "n_iter": int(result.n_iter),
+            "stop_reason": result.stop_reason,
+            # True when max_seconds cut the sweeps short: the best fit reached in time
+            "time_limited": result.stop_reason == "max_seconds",
+            "seconds": float(result.seconds),
+        }
 
 
 def _mode_to_center(shape: Shape, n_layers: int) -> Optional[int]:
