@@ -113,7 +113,8 @@ def calibrated_init(
     )
     fitted = layer.weight.to_matrix().reshape(weights.shape)
     if bias is not None:
-        biases = bias.reshape(n_layers, layer.out_features).to(torch.float64)
+        # a copy: ``bias`` may be the linear's own parameter (float64: .to() would not copy)
+        biases = bias.reshape(n_layers, layer.out_features).to(torch.float64, copy=True)
         w, w_hat = weights.to(torch.float64), fitted.to(torch.float64)
         for k, s in enumerate(stats):
             dense = s.dense if isinstance(s, PairedInputStats) else s

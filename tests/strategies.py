@@ -184,3 +184,24 @@ def rank_tuples_for(
     inner = st.lists(entries, min_size=bonds, max_size=bonds).map(tuple)
     with_boundaries = inner.map(lambda r: (1, *r, 1))
     return st.one_of(inner, with_boundaries) if bonds else with_boundaries  # () is no rank
+
+
+# ---- calibration (tests/test_input_stats.py, tests/test_calibrated.py) -----------------------
+@st.composite
+def input_batches(draw: st.DrawFn, min_batches: int = 1, max_batches: int = 4) -> list:
+    """A few float32 or float64 batches ``(*, in_features)`` of one layer's inputs, each with
+    its own leading shape (possibly empty), offset and scale."""
+    import torch  # tests only: strategies stay importable without building tensors
+
+    in_features = draw(st.integers(1, 7))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(draw(st.integers(min_batches, max_batches))):
+        lead = draw(st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple))
+        scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+        offset = draw(st.sampled_from([0.0, 5.0]))
+        x = torch.randn(*lead, in_features, generator=generator, dtype=dtype) * scale + offset
+        batches.append(x)
+    return batches
