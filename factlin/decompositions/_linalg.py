@@ -41,6 +41,14 @@ RANDOMIZED_MIN_SIDE = 1024
 RANDOMIZED_OVERSAMPLING = 10
 RANDOMIZED_POWER_ITERATIONS = 2
 
+#: Elements per block when a Gram matrix is formed from float32 products summed in float64
+#: (``mixed=True``): small enough for a block's copy to stay in cache.
+MIXED_GRAM_BLOCK_ELEMENTS = 1 << 20
+
+#: Largest-entry range within which float32 squares neither overflow nor lose the large
+#: entries to underflow; outside it the float64 route is used.
+MIXED_SAFE_RANGE = (1e-12, 1e12)
+
 _UPCAST = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 _KEPT = (torch.float32, torch.float64)
 
@@ -263,6 +271,39 @@ def _gram(matrix: torch.Tensor, *, rows: bool) -> torch.Tensor:
     return gram
 
 
+def _gram_mixed(matrix: torch.Tensor, *, rows: bool) -> torch.Tensor:
+    """Like :func:`_gram`, but each block's product is computed in float32 and the blocks are
+    summed in float64 (for float32 matrices; see :func:`mixed_precision_ok`)."""
+    m, n = matrix.shape
+    side = m if rows else n
+    gram = torch.zeros((side, side), dtype=torch.float64, device=matrix.device)
+    step = max(1, MIXED_GRAM_BLOCK_ELEMENTS // side)
+    for start in range(0, n if rows else m, step):
+        if rows:
+            block = matrix[:, start : start + step]  # (m, b)
+            gram += (block @ block.mT).to(torch.float64)
+        else:
+            block = matrix[start : start + step]  # (b, n)
+            gram += (block.mT @ block).to(torch.float64)
+    return gram
+
+
+def mixed_precision_ok(tensor: torch.Tensor, tensor_sq_norm: float) -> bool:
+    """Whether Gram matrices of ``tensor`` may be formed from float32 block products.
+
+    True for a float32 tensor whose squared norm (:func:`sq_norm`, already computed) puts its
+    largest absolute entry inside :data:`MIXED_SAFE_RANGE` (``max|x| <= ||x||`` and
+    ``max|x| >= ||x|| / sqrt(numel)``), so no extra pass is needed. Such Grams carry an
+    absolute error of about ``1e-7 ||M||^2`` instead of ``1e-16 ||M||^2``: leading singular
+    vectors whose gap ``s_r^2 - s_{r+1}^2`` is well above that are found as accurately as
+    float32 data allow.
+    """
+    if tensor.dtype != torch.float32 or not math.isfinite(tensor_sq_norm):
+        return False
+    low, high = MIXED_SAFE_RANGE
+    return tensor_sq_norm <= high**2 and tensor_sq_norm >= low**2 * tensor.numel()
+
+
 def _descending_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     values, vectors = torch.linalg.eigh(gram)
     return values.flip(0).clamp_min(0.0), vectors.flip(1)
@@ -307,6 +348,7 @@ def left_singular_vectors(
     *,
     tail_energy: float | None = None,
     generator: torch.Generator | None = None,
+    mixed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Leading left singular vectors of a matrix.
 
@@ -322,6 +364,9 @@ def left_singular_vectors(
         squared singular values left out) is at most ``tail_energy``.
     generator : torch.Generator, optional
         Randomness for the randomized path (seed 0 if None).
+    mixed : bool, default False
+        Form the Gram matrix from float32 block products summed in float64 (a float32
+        ``matrix`` only; see :func:`mixed_precision_ok`) instead of float64 blocks.
 
     Returns
     -------
@@ -340,16 +385,129 @@ def left_singular_vectors(
     small = min(m, n)
     if tail_energy is None and small > RANDOMIZED_MIN_SIDE and 8 * rank <= small:
         return _randomized_left(matrix, rank, generator or make_generator(None))
+    gram = _gram_mixed if mixed and matrix.dtype == torch.float32 else _gram
     if m <= n or rank > n:
-        values, vectors = _descending_eigh(_gram(matrix, rows=True))  # (m,), (m, m)
+        values, vectors = _descending_eigh(gram(matrix, rows=True))  # (m,), (m, m)
         if tail_energy is not None:
             rank = max(1, select_rank(values, rank, tail_energy))
         return vectors[:, :rank].to(matrix.dtype), values
-    values, vectors = _descending_eigh(_gram(matrix, rows=False))  # (n,), (n, n)
+    values, vectors = _descending_eigh(gram(matrix, rows=False))  # (n,), (n, n)
     if tail_energy is not None:
         rank = max(1, select_rank(values, rank, tail_energy))
     projected = matrix @ vectors[:, :rank].to(matrix.dtype)  # (m, rank)
     return _orthonormal_columns(projected), values
+
+
+def right_singular_vectors(
+    matrix: torch.Tensor,
+    rank: int,
+    *,
+    tail_energy: float | None = None,
+    mixed: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leading right singular vectors of a matrix, from the eigendecomposition of ``M^T M``.
+
+    Parameters
+    ----------
+    matrix : Tensor
+        Shape ``(m, n)``, float32 or float64 (meant for ``m > n``: the Gram is ``(n, n)``).
+    rank : int
+        Number of vectors wanted, ``1 <= rank <= n``.
+    tail_energy : float, optional
+        As in :func:`left_singular_vectors`.
+    mixed : bool, default False
+        As in :func:`left_singular_vectors`.
+
+    Returns
+    -------
+    (V, s2) : tuple of Tensor
+        ``V`` of shape ``(n, r)`` with orthonormal columns in ``matrix.dtype`` and the squared
+        singular values in decreasing order, as float64. ``M V V^T`` is the orthogonal
+        projection of ``M`` on those directions; ``M V`` holds its left factor.
+    """
+    gram = _gram_mixed if mixed and matrix.dtype == torch.float32 else _gram
+    values, vectors = _descending_eigh(gram(matrix, rows=False))  # (n,), (n, n)
+    if tail_energy is not None:
+        rank = max(1, select_rank(values, rank, tail_energy))
+    return vectors[:, :rank].to(matrix.dtype), values
+
+
+# --------------------------------------------------------------------------------------------
+# Mode products and mode Gram matrices of contiguous tensors, without unfolding copies.
+# --------------------------------------------------------------------------------------------
+def _split(shape: Sequence[int], mode: int) -> tuple[int, int, int]:
+    """``(prod(shape[:mode]), shape[mode], prod(shape[mode + 1:]))``."""
+    return math.prod(shape[:mode]), int(shape[mode]), math.prod(shape[mode + 1 :])
+
+
+def mode_multiply(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
+    """``tensor ×_mode matrix`` as a contiguous tensor, without permuting ``tensor``.
+
+    Same result as :func:`mode_product` (``matrix`` of shape ``(m, n)`` with ``n`` the size
+    of mode ``mode``), computed as one matrix product (first or last mode) or one batched
+    product over the leading modes, so no copy of ``tensor`` is made when it is contiguous.
+    """
+    shape = tuple(tensor.shape)
+    before, n, after = _split(shape, mode)
+    out_shape = (*shape[:mode], matrix.shape[0], *shape[mode + 1 :])
+    x = tensor.contiguous()
+    if after == 1:
+        out = x.reshape(before, n) @ matrix.mT  # (before, n) @ (n, m) -> (before, m)
+    elif before == 1:
+        out = matrix @ x.reshape(n, after)  # (m, n) @ (n, after) -> (m, after)
+    else:
+        out = torch.matmul(matrix, x.reshape(before, n, after))  # -> (before, m, after)
+    return out.reshape(out_shape)
+
+
+def mode_gram(tensor: torch.Tensor, mode: int, *, mixed: bool = False) -> torch.Tensor:
+    """``unfold(tensor, mode) @ unfold(tensor, mode).T`` in float64, without the unfolding.
+
+    Blocks of the leading modes are copied (a block at a time) into ``(n, block)`` matrices
+    whose products are summed in float64; with ``mixed`` (float32 ``tensor`` only) each
+    block's product is computed in float32, else in float64.
+    """
+    before, n, after = _split(tuple(tensor.shape), mode)
+    x = tensor.contiguous().reshape(before, n, after)
+    mixed = mixed and tensor.dtype == torch.float32
+    budget = MIXED_GRAM_BLOCK_ELEMENTS if mixed else GRAM_BLOCK_ELEMENTS
+    gram = torch.zeros((n, n), dtype=torch.float64, device=tensor.device)
+    if before == 1:
+        matrix = x.reshape(n, after)
+        return _gram_mixed(matrix, rows=True) if mixed else _gram(matrix, rows=True)
+    step = max(1, budget // (n * after))
+    for start in range(0, before, step):
+        block = x[start : start + step].transpose(0, 1).reshape(n, -1)  # (n, b * after)
+        if not mixed:
+            block = block.to(torch.float64)
+        gram += (block @ block.mT).to(torch.float64)
+    return gram
+
+
+def mode_left_singular_vectors(
+    tensor: torch.Tensor,
+    mode: int,
+    rank: int,
+    *,
+    mixed: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Leading ``rank`` left singular vectors of ``unfold(tensor, mode)``, shape ``(n, rank)``.
+
+    The same vectors as ``left_singular_vectors(unfold(tensor, mode), rank)[0]`` (that path is
+    taken when the mode is longer than the other modes together, or when the randomized range
+    finder applies); otherwise the mode's Gram matrix (:func:`mode_gram`) is eigendecomposed
+    without copying the unfolding.
+    """
+    before, n, after = _split(tuple(tensor.shape), mode)
+    rest = before * after
+    if n > rest or (min(n, rest) > RANDOMIZED_MIN_SIDE and 8 * rank <= min(n, rest)):
+        vectors, _ = left_singular_vectors(
+            unfold(tensor, mode), rank, generator=generator, mixed=mixed
+        )
+        return vectors
+    _, vectors = _descending_eigh(mode_gram(tensor, mode, mixed=mixed))  # (n, n)
+    return vectors[:, :rank].to(tensor.dtype)
 
 
 # --------------------------------------------------------------------------------------------

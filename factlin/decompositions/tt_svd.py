@@ -30,14 +30,20 @@ from ._linalg import (
     check_tensor,
     check_tol,
     left_singular_vectors,
+    mixed_precision_ok,
     reject_meta,
     relative_error,
+    right_singular_vectors,
     sq_norm,
     working_dtype,
 )
 from .memory import check_memory
 
 __all__ = ["TTDecomposition", "estimate_tt_svd_memory", "tt_matrix_svd", "tt_matrix_to_tensor"]
+
+#: Below this multiple of ``sqrt(eps)`` the error from ``||W||^2 - ||last core||^2`` loses
+#: digits to cancellation and is replaced by the exact one (as in :mod:`.tucker`).
+_EXACT_ERROR_FACTOR = 30.0
 
 
 class TTDecomposition(NamedTuple):
@@ -221,29 +227,47 @@ def tt_matrix_svd(
         device=tensor.device,
     )
     reject_meta(tensor)
-    check_finite(tensor)
+    norm_sq = sq_norm(tensor)  # finite exactly when every entry is (unless float64 overflows)
+    if not math.isfinite(norm_sq):
+        check_finite(tensor)
 
     sizes = [o * i for o, i in zip(out_shape, in_shape)]
     caps = _full_ranks(sizes) if ranks is None else ranks
     # (o_1..o_d, i_1..i_d) -> (o_1, i_1, ..., o_d, i_d), a contiguous copy
     perm = [j for k in range(d) for j in (k, d + k)]
     x = tensor.to(dtype).permute(perm).contiguous()
-    norm_sq = sq_norm(x)
     tail = None
     if rel_tol is not None:
         tail = rel_tol**2 * norm_sq / (d - 1) if d > 1 else 0.0
+    # fixed ranks: float32 Gram blocks summed in float64 (tolerances keep float64 spectra)
+    mixed = tail is None and mixed_precision_ok(x, norm_sq)
+    exact_error = dtype == torch.float64 or not mixed
 
+    exact_shapes = ranks is not None and rel_tol is None
     cores: list[torch.Tensor] = []
     bonds = [1]
     remainder = x.reshape(-1)
+    del x  # the remainders are all that is needed from here on
+    kept_sq: float | None = None  # ||W_hat||^2 when the last split is done from the right
     for k in range(d - 1):
         rows = bonds[-1] * sizes[k]
         matrix = remainder.reshape(rows, -1)  # (r_{k} o_k i_k, rest)
         wanted = caps[k + 1]
-        basis, _ = left_singular_vectors(matrix, min(wanted, rows), tail_energy=tail)
-        remainder = basis.mT @ matrix  # (r, rest)
+        if k == d - 2 and matrix.shape[1] < rows and wanted <= matrix.shape[1]:
+            # last split of a tall matrix: W_hat = M V V^T with V the leading right singular
+            # vectors (orthonormal from the Gram's eigh), so no QR and no U^T M are needed
+            right, _ = right_singular_vectors(matrix, wanted, tail_energy=tail, mixed=mixed)
+            basis = matrix @ right  # (rows, r)
+            remainder = right.mT  # (r, rest)
+            kept_sq = sq_norm(basis)
+        else:
+            basis, _ = left_singular_vectors(
+                matrix, min(wanted, rows), tail_energy=tail, mixed=mixed
+            )
+            remainder = basis.mT @ matrix  # (r, rest)
+        del matrix
         r = basis.shape[1]
-        if ranks is not None and rel_tol is None and r < wanted:  # exact shapes: zero slices
+        if exact_shapes and r < wanted:  # exact shapes: zero slices
             basis = torch.cat([basis, basis.new_zeros(rows, wanted - r)], dim=1)
             remainder = torch.cat(
                 [remainder, remainder.new_zeros(wanted - r, *remainder.shape[1:])]
@@ -254,17 +278,16 @@ def tt_matrix_svd(
     cores.append(remainder.reshape(bonds[-1], out_shape[-1], in_shape[-1], 1))
     bonds.append(1)
 
-    approx = tt_matrix_to_tensor(cores)
-    rel_error = relative_error(x.permute(_inverse(perm)), approx, norm_sq)
+    # W_hat is W projected orthogonally (orthonormal left cores, and V V^T on the right when
+    # the last split is done so): ||W - W_hat||^2 = ||W||^2 - ||W_hat||^2
+    if kept_sq is None:
+        kept_sq = sq_norm(remainder)
+    rel_error = math.sqrt(max(norm_sq - kept_sq, 0.0) / norm_sq) if norm_sq > 0 else 0.0
+    if exact_error or rel_error < _EXACT_ERROR_FACTOR * math.sqrt(torch.finfo(dtype).eps):
+        reference = tensor.to(dtype)
+        rel_error = relative_error(reference, tt_matrix_to_tensor(cores), norm_sq)
     return TTDecomposition(
         cores=[c.to(tensor.dtype) for c in cores],
         ranks=tuple(bonds),
         rel_error=float(rel_error),
     )
-
-
-def _inverse(perm: Sequence[int]) -> list[int]:
-    out = [0] * len(perm)
-    for position, axis in enumerate(perm):
-        out[axis] = position
-    return out

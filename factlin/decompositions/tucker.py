@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, cast
 
 import torch
 
@@ -29,14 +29,14 @@ from ._linalg import (
     check_ranks,
     check_tensor,
     check_tol,
-    left_singular_vectors,
     make_generator,
-    mode_product,
+    mixed_precision_ok,
+    mode_left_singular_vectors,
+    mode_multiply,
     randn,
     reject_meta,
     relative_error,
     sq_norm,
-    unfold,
     working_dtype,
 )
 from .memory import check_memory
@@ -103,19 +103,20 @@ def tucker_to_tensor(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> tor
     order = sorted(range(len(factors)), key=lambda k: factors[k].shape[0] / factors[k].shape[1])
     out = core
     for mode in order:
-        out = mode_product(out, factors[mode], mode)  # mode size r_k -> n_k
+        out = mode_multiply(out, factors[mode], mode)  # mode size r_k -> n_k
     return out
 
 
 def _project(
-    x: torch.Tensor, factors: Sequence[torch.Tensor], skip: int | None = None
+    x: torch.Tensor, factors: Sequence[torch.Tensor], modes: Sequence[int] | None = None
 ) -> torch.Tensor:
-    """``x ×_j U_j^T`` for every mode ``j != skip``; modes that shrink most go first."""
-    modes = [k for k in range(len(factors)) if k != skip]
+    """``x ×_j U_j^T`` for every mode ``j`` in ``modes`` (default all); modes that shrink most
+    go first."""
+    modes = list(range(len(factors)) if modes is None else modes)
     modes.sort(key=lambda k: factors[k].shape[1] / factors[k].shape[0])
     out = x
     for mode in modes:
-        out = mode_product(out, factors[mode].mT, mode)  # mode size n_k -> r_k
+        out = mode_multiply(out, factors[mode].mT, mode)  # mode size n_k -> r_k
     return out
 
 
@@ -181,7 +182,7 @@ def tucker(
     ranks: Sequence[int],
     *,
     n_iter_max: int = 10,
-    tol: float = 1e-8,
+    tol: float = 1e-4,
     init: str = "svd",
     random_state: RandomState = None,
     memory_limit_bytes: int | None = None,
@@ -267,13 +268,15 @@ def tucker(
         device=tensor.device,
     )
     reject_meta(tensor)
-    check_finite(tensor)
+    norm_sq = sq_norm(tensor)  # finite exactly when every entry is (unless float64 overflows)
+    if not math.isfinite(norm_sq):
+        check_finite(tensor)
 
-    x = tensor.to(dtype)
-    norm_sq = sq_norm(x)
+    x = tensor.to(dtype).contiguous()
+    mixed = mixed_precision_ok(x, norm_sq)
     if init == "svd":
         factors = [
-            left_singular_vectors(unfold(x, k), r, generator=generator)[0]
+            mode_left_singular_vectors(x, k, r, mixed=mixed, generator=generator)
             for k, r in enumerate(ranks)
         ]
     else:
@@ -287,16 +290,14 @@ def tucker(
     exact_below = _EXACT_ERROR_FACTOR * math.sqrt(torch.finfo(dtype).eps)
     exact_fit = _EXACT_FIT_FACTOR * torch.finfo(dtype).eps
     core: torch.Tensor | None = None
+    rel_error = math.inf
     previous: float | None = None
     n_iter = 0
-    last = len(shape) - 1
+    all_modes = list(range(len(shape)))
     for n_iter in range(1, n_iter_max + 1):
-        for mode, r in enumerate(ranks):
-            partial = _project(x, factors, skip=mode)  # (r_0, .., n_mode, .., r_{N-1})
-            factors[mode] = left_singular_vectors(unfold(partial, mode), r, generator=generator)[0]
-        core = mode_product(partial, factors[last].mT, last)  # (r_0, ..., r_{N-1})
+        core = cast(torch.Tensor, _hooi_sweep(x, factors, all_modes, mixed, generator))
         # orthonormal factors: ||X - X_hat||^2 = ||X||^2 - ||core||^2
-        rel_error = math.sqrt(max(norm_sq - sq_norm(core), 0.0) / norm_sq)
+        rel_error = _error_from_core(norm_sq, core)
         if rel_error < exact_below:
             rel_error = relative_error(x, tucker_to_tensor(core, factors), norm_sq)
         if callback is not None:
@@ -310,10 +311,45 @@ def tucker(
         previous = rel_error
     if core is None:
         core = _project(x, factors)
-    final_error = relative_error(x, tucker_to_tensor(core, factors), norm_sq)
+        rel_error = _error_from_core(norm_sq, core)
+    if dtype == torch.float64 or rel_error < exact_below:
+        rel_error = relative_error(x, tucker_to_tensor(core, factors), norm_sq)
     if verbose:
-        _LOGGER.info("tucker: stopped after %d sweep(s), rel_error %.6e", n_iter, final_error)
-    return _finish(tensor, core, factors, n_iter, final_error)
+        _LOGGER.info("tucker: stopped after %d sweep(s), rel_error %.6e", n_iter, rel_error)
+    return _finish(tensor, core, factors, n_iter, rel_error)
+
+
+def _error_from_core(norm_sq: float, core: torch.Tensor) -> float:
+    """``sqrt(||X||^2 - ||core||^2) / ||X||`` (the error when the factors are orthonormal)."""
+    return math.sqrt(max(norm_sq - sq_norm(core), 0.0) / norm_sq)
+
+
+def _hooi_sweep(
+    y: torch.Tensor,
+    factors: list[torch.Tensor],
+    modes: list[int],
+    mixed: bool,
+    generator: torch.Generator,
+    want_core: bool = True,
+) -> torch.Tensor | None:
+    """Update ``factors[k]`` for ``k`` in ``modes``, in order; return the last mode's core part.
+
+    ``y`` is the tensor already projected on every mode outside ``modes``. The modes are split
+    in two halves (a dimension tree): the first half is updated from ``y`` projected on the
+    second half (whose factors are still those of the previous sweep), then the second half
+    from ``y`` projected on the updated first half: the same Gauss-Seidel updates as one
+    projection chain per mode, sharing the partial projections. Returns ``y`` projected on
+    every mode of ``modes`` once all are updated (the core, at the root) when ``want_core``.
+    """
+    if len(modes) == 1:
+        mode = modes[0]
+        rank = factors[mode].shape[1]
+        factors[mode] = mode_left_singular_vectors(y, mode, rank, mixed=mixed, generator=generator)
+        return mode_multiply(y, factors[mode].mT, mode) if want_core else None  # n -> r
+    half = len(modes) // 2
+    first, second = modes[:half], modes[half:]
+    _hooi_sweep(_project(y, factors, second), factors, first, mixed, generator, False)
+    return _hooi_sweep(_project(y, factors, first), factors, second, mixed, generator, want_core)
 
 
 def _finish(
