@@ -501,7 +501,7 @@ class FactorizedLinear(nn.Module):
                 return _not_a_view(y.reshape(*x.shape[:-1], self.out_features))
             else:
                 matrix = self.weight.to_matrix(layer)
-            return F.linear(x, matrix, bias)
+            return _not_a_view(F.linear(x, matrix, bias))  # a view for 3-D x
         # (*, in) -> (batch, in) -> (batch, out) -> (*, out)
         y = self.weight.contract(x.reshape(-1, self.in_features), layer)
         y = y.reshape(*x.shape[:-1], self.out_features)
@@ -655,7 +655,8 @@ class SubFactorizedLinear(nn.Module):
 def _not_a_view(y: torch.Tensor) -> torch.Tensor:
     """``y``, copied when it is a view while FSDP2 is in use and autograd is on: FSDP2 hooks
     its backward (the all-gather) onto a module's output, and an in-place op on a view output
-    (``y += residual``) would drop that hook. ``nn.Linear`` never returns a view."""
+    (``y += residual``) would drop that hook, and the backward would read freed parameters.
+    (``nn.Linear`` has that problem: ``F.linear`` returns a view for 3-D inputs with a bias.)"""
     if y._base is not None and torch.is_grad_enabled() and fully_sharded():
         return y.clone()
     return y
