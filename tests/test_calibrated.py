@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from factlin import FactorizedLinear
+from factlin.input_stats import InputStats
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -162,3 +163,164 @@ def test_calibrated_fit_never_loses_to_the_data_free_fit(
     fitted = layer.weight.to_matrix().detach().reshape(weights.shape)
     rel_error = float((fitted - weights).norm() / weights.norm())
     assert info["rel_error"] == pytest.approx(rel_error, rel=1e-9)
+
+
+def _identity_stats(features: int, mean: torch.Tensor | None = None, count: int = 100):
+    """Statistics of inputs with covariance exactly I (second moment I + mean mean^T)."""
+    stats = InputStats(features)
+    mean = torch.zeros(features, dtype=torch.float64) if mean is None else mean
+    stats.count = count
+    stats.sum = count * mean
+    stats.sum_outer = count * (torch.eye(features, dtype=torch.float64) + torch.outer(mean, mean))
+    return stats
+
+
+def _orthogonal_design(rows: int, features: int, seed: int) -> torch.Tensor:
+    """Inputs with zero mean and second moment exactly I: centered columns, orthonormalized."""
+    x = torch.randn(rows, features, generator=_generator(seed), dtype=torch.float64)
+    q, _ = torch.linalg.qr(x - x.mean(0))
+    return q * rows**0.5
+
+
+# ---- (2) C = I: the output error is the weight error -----------------------------------------
+@pytest.mark.parametrize("modes", [1, 2, 3])
+@pytest.mark.parametrize("factorization", ["cp", "tucker", "tt"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_identity_covariance_matches_the_data_free_fit(factorization, modes, bias):
+    in_shape, out_shape = SHAPES[modes]
+    in_features, out_features = math.prod(in_shape), math.prod(out_shape)
+    (linear,) = _linears(1, in_features, out_features, bias, 7, torch.float64)
+    if bias:  # off-center inputs: the bias absorbs the mean, the covariance is I
+        mean = torch.randn(in_features, generator=_generator(3), dtype=torch.float64)
+        calibration = _identity_stats(in_features, mean)
+    else:
+        calibration = _orthogonal_design(40, in_features, 3)
+        assert_close(calibration.T @ calibration / 40, torch.eye(in_features), rtol=0, atol=1e-12)
+    options = {"rank": 0.4, "factorization": factorization}
+    options["decomposition_kwargs"] = FREE[factorization]
+    layer = _convert(
+        [linear], in_shape, out_shape, [calibration], calibration_kwargs=FAST, **options
+    )
+    free = _convert([linear], in_shape, out_shape, **options)
+    info, free_info = layer.decomposition_info, free.decomposition_info
+    # with C = I the relative output error is the relative weight error ...
+    assert info["output_error"] == pytest.approx(info["rel_error"], rel=1e-9, abs=1e-12)
+    assert info["output_error_data_free"] == pytest.approx(free_info["rel_error"], rel=1e-9)
+    # ... the whitened start is the data-free one (damping only rescales I) ...
+    assert info["output_error_whitened"] == pytest.approx(free_info["rel_error"], rel=1e-6)
+    # ... and the refinement may only lower it (CP-ALS, HOSVD/HOOI and TT-SVD are not optimal)
+    assert info["output_error"] <= free_info["rel_error"] + 1e-12
+    if modes == 1 and factorization != "tt":  # the truncated SVD: optimal, nothing to gain
+        assert info["output_error"] == pytest.approx(free_info["rel_error"], rel=1e-9)
+
+
+# ---- (3) exact at full rank -------------------------------------------------------------------
+FULL_RANK = [
+    ("tucker", 1, 10**6),
+    ("tucker", 2, 10**6),
+    ("tucker", 3, 10**6),
+    ("tt", 2, 10**6),
+    ("tt", 3, 10**6),
+    ("cp", 1, 12),  # one mode per side: rank min(in, out) = 12 is the full matrix rank
+    ("cp", 1, 20),
+]
+
+
+@pytest.mark.parametrize(
+    ("factorization", "modes", "rank", "n_layers"),
+    # (stacked layers make a 3-way CP tensor, which no rank up to 24 surely recovers)
+    [(*case, n) for case in FULL_RANK for n in (1, 2) if case[0] != "cp" or n == 1],
+)
+def test_exact_at_full_rank(factorization, modes, rank, n_layers):
+    in_shape, out_shape = SHAPES[modes]
+    in_features, out_features = math.prod(in_shape), math.prod(out_shape)
+    linears = _linears(n_layers, in_features, out_features, True, 11, torch.float64)
+    xs = [_inputs(50, in_features, 5 + k) for k in range(n_layers)]
+    layer = _convert(linears, in_shape, out_shape, xs, rank=rank, factorization=factorization)
+    info = layer.decomposition_info
+    # output_error is sqrt(f / s) with f = s - 2 <W_hat, P> + <W_hat C, W_hat> expanded: its
+    # round-off floor is sqrt(eps) ~ 1.5e-8 (the error measured on the outputs is far lower)
+    assert info["output_error"] < 1e-7
+    assert info["rel_error"] < 1e-10
+    measured, _ = _output_errors(layer, linears, xs, True)
+    assert measured < 1e-10
+    fresh = torch.randn(9, in_features, dtype=torch.float64)  # not only on the calibration
+    for k, linear in enumerate(linears):
+        with torch.no_grad():
+            assert_close(_sub(layer, k)(fresh), linear(fresh), rtol=1e-9, atol=1e-10)
+
+
+# ---- (4) degenerate inputs: no NaN ------------------------------------------------------------
+def _degenerate(kind: str, features: int) -> torch.Tensor:
+    g = _generator(2)
+    if kind == "rank-deficient":  # fewer rows than features
+        return torch.randn(3, features, generator=g, dtype=torch.float64)
+    if kind == "constant":
+        return torch.randn(features, generator=g, dtype=torch.float64).expand(20, features)
+    if kind == "one-feature":  # every feature but one is zero
+        x = torch.zeros(20, features, dtype=torch.float64)
+        x[:, 0] = torch.randn(20, generator=g, dtype=torch.float64)
+        return x
+    return torch.zeros(20, features, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["rank-deficient", "constant", "one-feature", "zero"])
+@pytest.mark.parametrize("factorization", ["cp", "tucker", "tt"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_degenerate_inputs_give_finite_fits(kind, factorization, bias):
+    in_shape, out_shape = SHAPES[2]
+    in_features, out_features = math.prod(in_shape), math.prod(out_shape)
+    (linear,) = _linears(1, in_features, out_features, bias, 13, torch.float64)
+    x = _degenerate(kind, in_features)
+    options = {"rank": 0.3, "factorization": factorization}
+    options["decomposition_kwargs"] = FREE[factorization]
+    layer = _convert([linear], in_shape, out_shape, [x], calibration_kwargs=FAST, **options)
+    info = layer.decomposition_info
+    _check_finite(layer)
+    _info_is_consistent(info)
+    measured, _ = _output_errors(layer, [linear], [x], bias)
+    assert measured == pytest.approx(info["output_error"], rel=1e-7, abs=1e-9)
+    with torch.no_grad():
+        y, y_hat = linear(x), layer(x)
+        assert torch.isfinite(layer(torch.randn(5, in_features, dtype=torch.float64))).all()
+    if kind == "zero" or (kind == "constant" and bias):
+        # nothing varies: the outputs on these inputs are kept exactly (by the bias, or 0 = 0)
+        assert info["output_error"] == 0.0
+        assert_close(y_hat, y, rtol=1e-10, atol=1e-10)
+
+
+# ---- (5) one mode per side: the closed-form whitened SVD (SVD-LLM) optimum ----------------------
+def _svd_llm_error(weight: torch.Tensor, x: torch.Tensor, rank: int, centered: bool) -> float:
+    """Optimal rank-``rank`` relative output error: the tail of the singular values of ``W L``
+    (``L L^T`` the covariance or second moment of ``x``), in float64."""
+    x = x.double()
+    if centered:
+        x = x - x.mean(0)
+    moment = x.T @ x / x.shape[0]
+    lower = torch.linalg.cholesky(moment)
+    sigma = torch.linalg.svdvals(weight.double() @ lower)
+    return float((sigma[rank:].pow(2).sum() / sigma.pow(2).sum()).sqrt())
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rank", [1, 3, 7])
+def test_one_mode_per_side_is_the_whitened_svd_optimum(factorization, bias, rank):
+    (linear,) = _linears(1, 24, 20, bias, 17, torch.float64)
+    x = _inputs(200, 24, 19)
+    layer = FactorizedLinear.from_linear(
+        linear,
+        rank=rank if factorization == "cp" else (rank, rank),
+        factorization=factorization,
+        n_tensorized_modes=1,
+        calibration=x,
+        calibration_kwargs={"damping": 1e-10},
+    )
+    info = layer.decomposition_info
+    expected = _svd_llm_error(linear.weight.detach(), x, rank, centered=bias)
+    assert info["output_error"] == pytest.approx(expected, rel=1e-6)
+    measured, _ = _output_errors(layer, [linear], [x], bias)
+    assert measured == pytest.approx(expected, rel=1e-6)
+    assert info["start"] == "whitened" and info["refine_iter"] == 0
+    # the data-free truncated SVD is worse on these far-from-white inputs
+    assert info["output_error_data_free"] > 1.05 * expected
