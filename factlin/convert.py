@@ -349,13 +349,27 @@ def _cap_ranks(ranks: tuple[int, ...], cap: Any) -> tuple[int, ...]:
 # Progress
 # --------------------------------------------------------------------------------------------
 class _Progress:
-    """Lines on stderr: always (True), never (False), or once the work takes a while (None)."""
+    """Lines on stderr: always (True), never (False), or once the work takes a while (None).
+
+    Each line gives the layer's own time and, while layers remain, the elapsed time and an
+    ETA: the mean wall time per layer so far (from the start of the first layer's fit) times
+    the layers left.
+    """
 
     def __init__(self, mode: Optional[bool], total: int, start: float) -> None:
         self.mode, self.total, self.start = mode, total, start
         self.stream: TextIO = sys.stderr
         self.tty = mode is None and bool(getattr(self.stream, "isatty", lambda: False)())
         self.pending_newline = False
+        self.first_fit_start: Optional[float] = None  # when the first logged layer began
+
+    def _timing(self, index: int, now: float) -> str:
+        """``'elapsed 12 s, ETA 3 min 05 s'`` while layers remain, ``'total 3 min 17 s'``."""
+        left = self.total - index
+        if left <= 0 or index <= 0 or self.first_fit_start is None:
+            return f"total {_duration(now - self.start)}"
+        eta = (now - self.first_fit_start) / index * left
+        return f"elapsed {_duration(now - self.start)}, ETA {_duration(eta)}"
 
     def _active(self) -> bool:
         if self.mode is None:
@@ -363,6 +377,9 @@ class _Progress:
         return self.mode
 
     def layer(self, index: int, record: LayerRecord) -> None:
+        now = time.perf_counter()
+        if self.first_fit_start is None:  # noted even before the lines start
+            self.first_fit_start = max(self.start, now - record.seconds)
         if not self._active():
             return
         what = (
@@ -373,17 +390,30 @@ class _Progress:
             f"rel error {record.rel_error:.3g}, {record.seconds:.2f} s"
         )
         line = f"factlin: [{index}/{self.total}] {record.name or '(model)'}: {what}"
-        if self.tty:
-            self.stream.write("\r\x1b[K" + line[:160])
+        timing = "; " + self._timing(index, now)
+        if self.tty:  # one line, cut to 160 characters but keeping the ETA
+            self.stream.write("\r\x1b[K" + line[: 160 - len(timing)] + timing)
             self.pending_newline = True
         else:
-            self.stream.write(line + "\n")
+            self.stream.write(line + timing + "\n")
         self.stream.flush()
 
     def close(self) -> None:
         if self.pending_newline:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    """``'0.4 s'``, ``'42 s'``, ``'3 min 05 s'``, ``'1 h 02 min'``."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    whole = int(round(seconds))
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
 
 
 # --------------------------------------------------------------------------------------------
