@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from factlin import FactorizedLinear
-from factlin.input_stats import InputStats
+from factlin.input_stats import InputStats, PairedInputStats
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -324,3 +324,136 @@ def test_one_mode_per_side_is_the_whitened_svd_optimum(factorization, bias, rank
     assert info["start"] == "whitened" and info["refine_iter"] == 0
     # the data-free truncated SVD is worse on these far-from-white inputs
     assert info["output_error_data_free"] > 1.05 * expected
+
+
+# ---- options, statistics instead of inputs, float32, sequential statistics --------------------
+def test_statistics_and_inputs_give_the_same_fit():
+    (linear,) = _linears(1, 16, 12, True, 23, torch.float64)
+    x = _inputs(3 * 40, 16, 29)
+    batches = x.reshape(3, 40, 16)
+    stats = InputStats(16)
+    for batch in batches:
+        stats.update(batch)
+    options = {"rank": 0.3, "factorization": "tt", "n_tensorized_modes": 2}
+    from_x = FactorizedLinear.from_linear(linear, calibration=batches, **options)  # (*, in)
+    from_stats = FactorizedLinear.from_linear(linear, calibration=stats, **options)
+    for a, b in zip(from_x.parameters(), from_stats.parameters()):
+        assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert from_x.decomposition_info["output_error"] == pytest.approx(
+        from_stats.decomposition_info["output_error"], rel=1e-9
+    )
+
+
+def test_from_linear_list_mixes_inputs_and_statistics_and_sums_the_errors():
+    linears = _linears(3, 16, 12, True, 31, torch.float64)
+    xs = [_inputs(30 + 10 * k, 16, 37 + k) for k in range(3)]
+    calibration = [xs[0], InputStats.from_inputs(xs[1]), xs[2].float()]
+    layer = FactorizedLinear.from_linear_list(
+        linears, (4, 4), (3, 4), rank=0.5, factorization="tucker", calibration=calibration
+    )
+    info = layer.decomposition_info
+    _info_is_consistent(info)
+    xs[2] = xs[2].float().double()  # what the statistics saw
+    measured, means = _output_errors(layer, linears, xs, True)
+    assert measured == pytest.approx(info["output_error"], rel=1e-9)
+    for mean in means:
+        assert_close(mean, torch.zeros_like(mean), rtol=0, atol=1e-10)
+    assert layer.bias.shape == (3, 12)
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker", "tt"])
+def test_refine_off_keeps_the_better_start(factorization):
+    (linear,) = _linears(1, 24, 18, False, 41, torch.float64)
+    x = _inputs(80, 24, 43)
+    options = {"rank": 0.3, "factorization": factorization, "n_tensorized_modes": 3}
+    options["decomposition_kwargs"] = FREE[factorization]
+    results = {}
+    for refine in (False, True):
+        layer = FactorizedLinear.from_linear(
+            linear,
+            calibration=x,
+            calibration_kwargs={"refine": refine, "n_iter_max": 15},
+            **options,
+        )
+        _info_is_consistent(layer.decomposition_info)
+        results[refine] = layer.decomposition_info
+    off, on = results[False], results[True]
+    assert off["refine_iter"] == 0 and off["output_error"] == off["output_error_start"]
+    assert on["output_error_start"] == pytest.approx(off["output_error_start"], rel=1e-12)
+    assert 1 <= on["refine_iter"] <= 15
+    assert on["output_error"] < off["output_error"]  # the refinement helps on such inputs
+    zero = FactorizedLinear.from_linear(
+        linear, calibration=x, calibration_kwargs={"n_iter_max": 0}, **options
+    )
+    assert zero.decomposition_info["refine_iter"] == 0
+
+
+def test_float32_linear():
+    (linear,) = _linears(1, 24, 18, True, 47, torch.float32)
+    x = _inputs(100, 24, 53, dtype=torch.float32)
+    layer = FactorizedLinear.from_linear(
+        linear, rank=0.4, factorization="tt", n_tensorized_modes=2, calibration=x,
+        calibration_kwargs=FAST,
+    )  # fmt: skip
+    assert layer.weight.to_matrix().dtype == torch.float32 and layer.bias.dtype == torch.float32
+    _check_finite(layer)
+    measured, (mean,) = _output_errors(layer, [linear], [x], True)
+    assert measured == pytest.approx(layer.decomposition_info["output_error"], rel=1e-4)
+    assert measured < layer.decomposition_info["output_error_data_free"]
+    assert_close(mean, torch.zeros_like(mean), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_paired_statistics_fit_the_dense_outputs_from_the_compressed_inputs(bias):
+    # sequential conversion: the layer sees x' (upstream layers compressed) but must give W x + b
+    (linear,) = _linears(1, 16, 12, bias, 59, torch.float64)
+    x = _inputs(120, 16, 61)
+    x_compressed = x + 0.2 * torch.randn(x.shape, generator=_generator(67), dtype=x.dtype) + 0.1
+    paired = PairedInputStats(16)
+    paired.update(x, x_compressed)
+    options = {"rank": 0.3, "factorization": "tucker", "n_tensorized_modes": 2}
+    layer = FactorizedLinear.from_linear(
+        linear, calibration=paired, calibration_kwargs=FAST, **options
+    )
+    info = layer.decomposition_info
+    _info_is_consistent(info)
+    with torch.no_grad():
+        y, y_hat = linear(x), layer(x_compressed)
+    ref = y - y.mean(0) if bias else y
+    measured = float((y_hat - y).norm() / ref.norm())
+    assert measured == pytest.approx(info["output_error"], rel=1e-8)
+    if bias:
+        mean = (y_hat - y).mean(0)
+        assert_close(mean, torch.zeros_like(mean), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rank", [2, 5])
+def test_paired_statistics_one_mode_is_the_closed_form_optimum(bias, rank):
+    # min over rank-r W_hat of E||W x - W_hat x'||^2 (centered with a bias):
+    # s - ||T L'||^2 + (tail of the singular values of T L')^2, T = W E[x x'^T] C'^-1, L' L'^T = C'
+    (linear,) = _linears(1, 16, 12, bias, 71, torch.float64)
+    x = _inputs(150, 16, 73)
+    x_compressed = x + 0.1 * torch.randn(x.shape, generator=_generator(79), dtype=x.dtype) + 0.05
+    paired = PairedInputStats(16)
+    paired.update(x, x_compressed)
+    layer = FactorizedLinear.from_linear(
+        linear, rank=(rank, rank), factorization="tucker", n_tensorized_modes=1,
+        calibration=paired, calibration_kwargs={"damping": 1e-10},
+    )  # fmt: skip
+    a, b = (x - x.mean(0), x_compressed - x_compressed.mean(0)) if bias else (x, x_compressed)
+    w = linear.weight.detach()
+    moment, cross = b.T @ b / len(b), a.T @ b / len(a)
+    scale = float((w @ (a.T @ a / len(a)) * w).sum())
+    target = torch.linalg.solve(moment, (w @ cross).T).T
+    sigma = torch.linalg.svdvals(target @ torch.linalg.cholesky(moment))
+    optimum = (
+        (scale - float(sigma.pow(2).sum()) + float(sigma[rank:].pow(2).sum())) / scale
+    ) ** 0.5
+    info = layer.decomposition_info
+    assert info["output_error"] == pytest.approx(optimum, rel=1e-6)
+    with torch.no_grad():
+        y = linear(x)
+        diff = layer(x_compressed) - y
+        ref = y - y.mean(0) if bias else y
+    assert float(diff.norm() / ref.norm()) == pytest.approx(optimum, rel=1e-6)
