@@ -46,10 +46,12 @@ def check_calibration_kwargs(options: Optional[dict]) -> dict:
     if not isinstance(out["refine"], bool):
         raise TypeError(f"calibration_kwargs['refine']={describe(out['refine'])}: expected a bool")
     n_iter = out["n_iter_max"]
-    if isinstance(n_iter, bool) or not isinstance(n_iter, numbers.Integral) or n_iter < 0:
+    if isinstance(n_iter, bool) or not isinstance(n_iter, numbers.Integral):
         raise TypeError(
             f"calibration_kwargs['n_iter_max']={describe(n_iter)}: expected an int >= 0"
         )
+    if n_iter < 0:
+        raise FactlinError(f"calibration_kwargs['n_iter_max']={n_iter}: expected an int >= 0")
     for key in ("damping", "tol"):
         value = out[key]
         if isinstance(value, bool) or not isinstance(value, numbers.Real):

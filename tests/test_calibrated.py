@@ -457,3 +457,89 @@ def test_paired_statistics_one_mode_is_the_closed_form_optimum(bias, rank):
         diff = layer(x_compressed) - y
         ref = y - y.mean(0) if bias else y
     assert float(diff.norm() / ref.norm()) == pytest.approx(optimum, rel=1e-6)
+
+
+# ---- bad input --------------------------------------------------------------------------------
+def _small_linear():
+    return nn.Linear(16, 12, dtype=torch.float64)
+
+
+def test_calibration_of_another_size_names_both_sizes():
+    linear = _small_linear()
+    with pytest.raises(ValueError, match=r"calibration has shape \(5, 10\).*16"):
+        FactorizedLinear.from_linear(linear, calibration=torch.randn(5, 10))
+    with pytest.raises(ValueError, match=r"calibration.*10 features.*in_features=16"):
+        FactorizedLinear.from_linear(linear, calibration=InputStats(10))
+    paired = PairedInputStats(10)
+    with pytest.raises(ValueError, match=r"10 features.*16"):
+        FactorizedLinear.from_linear(linear, calibration=paired)
+    with pytest.raises(ValueError, match="16"):
+        FactorizedLinear.from_linear(linear, calibration=torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_calibration(bad):
+    x = torch.randn(8, 16, dtype=torch.float64)
+    x[3, 4] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        FactorizedLinear.from_linear(_small_linear(), calibration=x)
+
+
+@pytest.mark.parametrize(
+    "bad", [[[0.0] * 16], torch.ones(4, 16, dtype=torch.int64), "inputs", 3.0, {"x": 1}]
+)
+def test_calibration_of_a_wrong_type(bad):
+    with pytest.raises(TypeError, match="calibration"):
+        FactorizedLinear.from_linear(_small_linear(), calibration=bad)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"dampnig": 0.1}, TypeError, "dampnig.*damping"),
+        ({"damping": -0.1}, ValueError, "damping"),
+        ({"damping": float("nan")}, ValueError, "damping"),
+        ({"damping": "0.1"}, TypeError, "damping"),
+        ({"tol": float("inf")}, ValueError, "tol"),
+        ({"tol": None}, TypeError, "tol"),
+        ({"refine": 1}, TypeError, "refine"),
+        ({"n_iter_max": 2.5}, TypeError, "n_iter_max"),
+        ({"n_iter_max": True}, TypeError, "n_iter_max"),
+        ({"n_iter_max": -1}, ValueError, "n_iter_max"),
+        ([("damping", 0.1)], TypeError, "calibration_kwargs"),
+    ],
+)
+def test_bad_calibration_kwargs(options, error, match):
+    x = torch.randn(8, 16, dtype=torch.float64)
+    with pytest.raises(error, match=match):
+        FactorizedLinear.from_linear(_small_linear(), calibration=x, calibration_kwargs=options)
+    with pytest.raises(error, match=match):
+        FactorizedLinear.from_linear_list(
+            [_small_linear()] * 2, (4, 4), (3, 4), rank=0.5, calibration=[x, x],
+            calibration_kwargs=options,
+        )  # fmt: skip
+
+
+def test_rel_tol_with_calibration_is_refused():
+    x = torch.randn(8, 16, dtype=torch.float64)
+    with pytest.raises(TypeError, match="rel_tol"):
+        FactorizedLinear.from_linear(
+            _small_linear(), factorization="tt", calibration=x,
+            decomposition_kwargs={"rel_tol": 0.1},
+        )  # fmt: skip
+
+
+def test_from_linear_list_calibration_of_the_wrong_length_or_kind():
+    linears = [_small_linear() for _ in range(3)]
+    x = torch.randn(8, 16, dtype=torch.float64)
+    for bad in ([x, x], [x] * 4, x, InputStats.from_inputs(x)):
+        with pytest.raises((TypeError, ValueError), match="3"):
+            FactorizedLinear.from_linear_list(linears, (4, 4), (3, 4), rank=0.5, calibration=bad)
+    with pytest.raises(ValueError, match=r"calibration\[1\].*10"):
+        FactorizedLinear.from_linear_list(
+            linears, (4, 4), (3, 4), rank=0.5, calibration=[x, torch.randn(4, 10), x]
+        )
+    with pytest.raises(TypeError, match=r"calibration\[2\]"):
+        FactorizedLinear.from_linear_list(
+            linears, (4, 4), (3, 4), rank=0.5, calibration=[x, x, None]
+        )
