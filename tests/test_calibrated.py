@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from factlin import FactorizedLinear
-from factlin.input_stats import InputStats, PairedInputStats
+from factlin.decompositions.calibrated import (
+    OutputObjective,
+    kronecker_factors,
+    map_in_modes,
+    whitening,
+)
+from factlin.input_stats import InputStats, PairedInputStats, damped
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -543,3 +549,69 @@ def test_from_linear_list_calibration_of_the_wrong_length_or_kind():
         FactorizedLinear.from_linear_list(
             linears, (4, 4), (3, 4), rank=0.5, calibration=[x, x, None]
         )
+
+
+# ---- building blocks --------------------------------------------------------------------------
+def _spd(n: int, seed: int) -> torch.Tensor:
+    a = torch.randn(n, n, generator=_generator(seed), dtype=torch.float64)
+    return a @ a.T + 0.1 * torch.eye(n, dtype=torch.float64)
+
+
+def test_kronecker_factors_are_partial_traces():
+    a, b, c = _spd(2, 1), _spd(3, 2), _spd(4, 3)
+    factors = kronecker_factors(torch.kron(torch.kron(a, b), c), (2, 3, 4))
+    traces = [torch.trace(m) for m in (a, b, c)]
+    for k, m in enumerate((a, b, c)):
+        others = math.prod(float(t) for j, t in enumerate(traces) if j != k)
+        assert_close(factors[k], m * others, rtol=1e-12, atol=1e-12)
+    (whole,) = kronecker_factors(a, (2,))  # one mode: the moment itself
+    assert_close(whole, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["full", "rank-1", "zero"])
+def test_whitening_is_a_finite_lower_cholesky_factor(kind):
+    moment = {"full": _spd(6, 5), "rank-1": torch.ones(6, 6, dtype=torch.float64)}.get(
+        kind, torch.zeros(6, 6, dtype=torch.float64)
+    )
+    lower = whitening(moment, damping=1e-3)
+    assert torch.isfinite(lower).all()
+    assert torch.equal(lower, torch.tril(lower))
+    assert_close(lower @ lower.T, damped(moment, 1e-3), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker", "tt"])
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_map_in_modes_right_multiplies_by_the_kronecker_product(factorization, n_layers):
+    in_shape, out_shape = (2, 3, 4), (3, 2)  # TT pads the shorter side
+    layer = FactorizedLinear(
+        in_shape, out_shape, rank=0.5, factorization=factorization, n_layers=n_layers,
+        dtype=torch.float64,
+    )  # fmt: skip
+    before = layer.weight.to_matrix().detach().reshape(n_layers, 6, 24).clone()
+    in_modes = layer.weight._contraction_in_shape()
+    maps = [torch.randn(n, n, generator=_generator(n), dtype=torch.float64) for n in in_modes]
+    map_in_modes(layer.weight, maps)
+    kron = maps[0]
+    for m in maps[1:]:
+        kron = torch.kron(kron, m)
+    after = layer.weight.to_matrix().detach().reshape(n_layers, 6, 24)
+    assert_close(after, before @ kron.T, rtol=1e-10, atol=1e-12)
+
+
+def test_output_objective_value_and_relative_error():
+    w = torch.randn(2, 5, 6, dtype=torch.float64)
+    xs = [torch.randn(40, 6, dtype=torch.float64) + 1 for _ in range(2)]
+    stats = [InputStats.from_inputs(x) for x in xs]
+    w_hat = w + 0.1 * torch.randn_like(w)
+    for centered in (False, True):
+        objective = OutputObjective.for_weights(w, stats, centered)
+        total = scale = 0.0
+        for k, x in enumerate(xs):
+            xc = x - x.mean(0) if centered else x
+            total += float(((w[k] - w_hat[k]) @ xc.T).pow(2).sum()) / 40
+            scale += float((w[k] @ xc.T).pow(2).sum()) / 40
+        assert float(objective.value(w_hat)) == pytest.approx(total, rel=1e-10)
+        assert objective.relative_error(w_hat) == pytest.approx((total / scale) ** 0.5, rel=1e-10)
+        assert objective.relative_error(w) < 1e-7  # exact up to the sqrt(eps) floor
+    zero = OutputObjective.for_weights(w, [InputStats(6), InputStats(6)], False)
+    assert zero.relative_error(w_hat) == 0.0
