@@ -185,6 +185,110 @@ def _checkpoint_round_trip(factorization: str, rank: int, world: int, tmp: Path)
     dist.barrier()
 
 
+def _dense_model() -> nn.Module:
+    """Linear layers of several sizes (unequal fitting costs), one too small to convert."""
+    torch.manual_seed(3)
+    sizes = [64, 96, 128, 64, 48, 96, 32, 8]  # the last layer (32 -> 8) stays dense
+    return nn.Sequential(*[nn.Linear(i, o) for i, o in zip(sizes, sizes[1:])])
+
+
+def _conversion_matches_one_process(factorization: str, rank: int, world: int) -> None:
+    """Every rank's model is bitwise the single-process conversion; each rank fitted a share."""
+    import factlin
+    from factlin import convert
+
+    import torch.distributed as dist
+
+    kwargs = dict(rank=0.3, factorization=factorization, progress=False,
+                  decomposition_kwargs=None if factorization == "tt" else {"n_iter_max": 5})  # fmt: skip
+    fitted = []
+    original = convert.FactorizedLinear.from_linear
+
+    def counting(*args, **kw):
+        fitted.append(1)
+        return original(*args, **kw)
+
+    want, want_report = factlin.tensorize_model(_dense_model(), **kwargs)
+    convert.FactorizedLinear.from_linear = counting
+    try:
+        got, report = factlin.tensorize_model(
+            _dense_model(), process_group=dist.group.WORLD, **kwargs
+        )
+    finally:
+        convert.FactorizedLinear.from_linear = original
+    n_converted = len(want_report.converted)
+    assert 0 < len(fitted) < n_converted, (len(fitted), n_converted)  # a share, not all
+    counts: list = [None] * world
+    dist.all_gather_object(counts, len(fitted))
+    assert sum(counts) == n_converted, counts
+    assert str(got) == str(want)
+    got_state, want_state = got.state_dict(), want.state_dict()
+    assert got_state.keys() == want_state.keys()
+    for key in want_state:
+        assert torch.equal(got_state[key], want_state[key]), key
+    for a, b in zip(report.layers, want_report.layers):
+        a_fields, b_fields = a.to_dict(), b.to_dict()
+        a_fields.pop("seconds"), b_fields.pop("seconds")
+        assert a_fields == b_fields, (a_fields, b_fields)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        assert torch.equal(got(x), want(x))
+
+
+def _calibrated_conversion(rank: int, world: int) -> None:
+    """Each rank's calibration batches: statistics summed over the ranks, as one process with
+    all the batches (up to float64 summation order); every rank the same model."""
+    import factlin
+
+    import torch.distributed as dist
+
+    generator = torch.Generator().manual_seed(4)
+    batches = [torch.randn(16, 64, generator=generator) for _ in range(2 * world)]
+    kwargs = dict(rank=0.3, factorization="tucker", progress=False, include=["1", "2"],
+                  calibration_kwargs={"refine": False})  # fmt: skip
+    want, _ = factlin.tensorize_model(_dense_model(), calibration=batches, **kwargs)
+    got, _ = factlin.tensorize_model(
+        _dense_model(), calibration=batches[rank::world], process_group=dist.group.WORLD,
+        **kwargs,
+    )  # fmt: skip
+    state = {k: v for k, v in got.state_dict().items()}
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, state)
+    for other in everyone:
+        for key in state:
+            assert torch.equal(other[key], state[key]), key
+    x = torch.randn(8, 64, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(got(x), want(x), rtol=1e-4, atol=1e-5)
+
+
+def _a_failed_fit_raises_on_every_rank(rank: int, world: int) -> None:
+    """A fit that raises on its owner raises on every rank, after the exchange (no hang)."""
+    from types import SimpleNamespace
+
+    from factlin.distributed import distribute_fits
+    from factlin.report import LayerRecord
+
+    import torch.distributed as dist
+
+    items = [SimpleNamespace(record=LayerRecord(name=f"l{k}", shape=(4, 4), params_before=16,
+                                                params_after=16), module=nn.Linear(4, 4))
+             for k in range(4)]  # fmt: skip
+
+    def fit(item):
+        if item.record.name == "l1":
+            raise RuntimeError("boom")
+        return nn.Linear(4, 4)
+
+    try:
+        distribute_fits(items, fit, dist.group.WORLD, costs=[1.0, 4.0, 2.0, 3.0])
+    except Exception as exc:
+        assert "boom" in str(exc), exc
+    else:
+        raise AssertionError("no error")
+    dist.barrier()
+
+
 def _checks() -> list[tuple[str, object]]:
     checks: list[tuple[str, object]] = []
     for kind in ("ddp", "fsdp"):  # DDP first: it expects the inference cache to be on
@@ -199,6 +303,11 @@ def _checks() -> list[tuple[str, object]]:
         checks.append((f"checkpoint-{factorization}",
                        lambda r, w, t, f=factorization: _checkpoint_round_trip(f, r, w, t)))  # fmt: skip
     checks.append(("cache-after-fsdp", _cache_after_fsdp))
+    for factorization in FACTORIZATIONS:
+        checks.append((f"convert-{factorization}",
+                       lambda r, w, t, f=factorization: _conversion_matches_one_process(f, r, w)))  # fmt: skip
+    checks.append(("convert-calibrated", lambda r, w, t: _calibrated_conversion(r, w)))
+    checks.append(("convert-failure", lambda r, w, t: _a_failed_fit_raises_on_every_rank(r, w)))
     return checks
 
 
@@ -226,7 +335,10 @@ def _worker(rank: int, world: int, init_method: str, out: Path) -> None:
         timeout=datetime.timedelta(seconds=_COLLECTIVE_TIMEOUT_S),
     )  # fmt: skip
     results = {}
+    only = os.environ.get("FACTLIN_DISTRIBUTED_ONLY")  # a prefix, to run some checks by hand
     for name, check in _checks():
+        if only and not name.startswith(only):
+            continue
         tic = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -307,6 +419,49 @@ def socket_if_nameindex() -> list:
     return socket.if_nameindex()
 
 
+# ---- in this process: the assignment, the cost estimate, the argument checks ----------------
+def test_assign_layers_is_longest_processing_time_first():
+    from factlin.distributed import assign_layers
+
+    assert assign_layers([5.0, 1.0, 4.0, 3.0], 2) == [0, 0, 1, 1]  # 5 | 4, 3 | 1: loads 6, 7
+    assert assign_layers([], 3) == []
+    assert assign_layers([1.0, 1.0, 1.0], 1) == [0, 0, 0]
+    owners = assign_layers([7.0, 7.0, 6.0, 5.0, 4.0, 4.0, 3.0], 3)
+    loads = [sum(c for c, o in zip([7, 7, 6, 5, 4, 4, 3], owners) if o == r) for r in range(3)]
+    assert max(loads) <= 4 / 3 * 12  # LPT's bound; the best split is 12, 12, 12
+
+
+def test_fit_cost_grows_with_size_and_rank():
+    from factlin.distributed import estimate_fit_flops
+
+    for factorization in FACTORIZATIONS:
+        small = estimate_fit_flops(factorization, 0.1, (8, 8), (8, 8))
+        assert estimate_fit_flops(factorization, 0.3, (8, 8), (8, 8)) > small
+        assert estimate_fit_flops(factorization, 0.1, (16, 8), (8, 16)) > small
+        assert estimate_fit_flops(factorization, 0.1, (8, 8), (8, 8), calibrated=True) > small
+
+
+@pytest.mark.parametrize("bad", ["WORLD", 0, object()])
+def test_process_group_must_be_a_process_group(bad):
+    import factlin
+
+    with pytest.raises(TypeError, match="process_group=.*ProcessGroup"):
+        factlin.tensorize_model(nn.Linear(32, 32), rank=0.5, process_group=bad, progress=False)
+
+
+def test_a_shared_generator_is_refused_with_a_process_group(monkeypatch):
+    import factlin
+    from factlin import convert
+
+    monkeypatch.setattr(convert, "check_process_group", lambda name, value: value)
+    with pytest.raises(TypeError, match="random_state"):
+        factlin.tensorize_model(
+            nn.Linear(32, 32), rank=0.5, process_group="a group",
+            decomposition_kwargs={"random_state": torch.Generator()},
+        )  # fmt: skip
+
+
+# ---- the 2-process job -----------------------------------------------------------------------
 @pytest.mark.parametrize("check", CHECK_NAMES)
 def test_distributed(results, check):
     for rank, found in enumerate(results):
