@@ -5,12 +5,16 @@ plain ``nn.Parameter``s, a rank solver, and a forward pass that contracts the in
 factors through a contraction order planned once.
 """
 
+from .calibration import CalibrationError, collect_input_stats
 from .convert import ConversionReport, LayerRecord, tensorize_model, untensorize_model
 from .decompositions import MemoryLimitError
 from .errors import FactlinError, InputError, RankError, ShapeError
 from .factorizations import FACTORIZATIONS, CPWeight, FactorizedWeight, TTWeight, TuckerWeight
+from .input_stats import InputStats, PairedInputStats
 from .layer import FactorizedLinear, SubFactorizedLinear
+from .pretrained import PretrainedError, from_pretrained, save_pretrained
 from .tensorized_shape import get_tensorized_shape, tensorize_dim
+from .tltorch_compat import TLTORCH_ONLY_NAMES, convert_tltorch_state_dict, tltorch_only_name_error
 
 __version__ = "0.1.0"
 
@@ -29,6 +33,14 @@ __all__ = [
     "LayerRecord",
     "MemoryLimitError",
     "tensorize_dim",
+    "InputStats",
+    "PairedInputStats",
+    "collect_input_stats",
+    "CalibrationError",
+    "save_pretrained",
+    "from_pretrained",
+    "PretrainedError",
+    "convert_tltorch_state_dict",
     "FactlinError",
     "RankError",
     "ShapeError",

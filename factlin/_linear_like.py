@@ -62,9 +62,7 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
-def build_dense(
-    kind: str, matrix: torch.Tensor, bias: Optional[torch.Tensor]
-) -> nn.Module:
+def build_dense(kind: str, matrix: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Module:
     """A module of ``kind`` computing ``F.linear(x, matrix, bias)``, on ``matrix``'s device and
     dtype, holding copies of ``matrix`` (shape ``(out, in)``) and ``bias``."""
     out_features, in_features = matrix.shape

@@ -5,7 +5,9 @@ Subcommands:
 * ``plan IN OUT``: what a factorized ``IN -> OUT`` layer would look like in each factorization
   (tensorized shapes, resolved ranks, parameters, FLOPs and measured forward times against
   ``nn.Linear``);
-* ``demo``: the demo of :mod:`factlin.demo`.
+* ``demo``: the demo of :mod:`factlin.demo`;
+* ``inspect DIRECTORY``: a model saved by :func:`factlin.save_pretrained`, layer by layer
+  (structure, parameters, compression), read from its config without loading any weight.
 
 Bad arguments, including values the library rejects (``--rank -1``), print
 ``factlin: error: ...`` and exit with status 2, as argparse does.
@@ -31,7 +33,7 @@ from .layer import FactorizedLinear
 from .rank import validate_rank
 from .tensorized_shape import get_tensorized_shape
 
-__all__ = ["main", "build_parser", "plan_layer", "parse_rank"]
+__all__ = ["main", "build_parser", "plan_layer", "parse_rank", "inspect_pretrained"]
 
 PROG = "factlin"
 
@@ -47,6 +49,7 @@ examples:
   factlin plan 4096 4096 --rank 0.05 --repeats 0 --json   counts only, as JSON
   factlin demo --plot demo.png                 the demo (about a minute), with its figure
   python -m factlin demo --quick               a few seconds
+  factlin inspect compressed/                  a directory written by factlin.save_pretrained
 """
 
 
@@ -326,6 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--plot", metavar="FILE.png", help="save accuracy vs compression there")
     demo.add_argument("--quick", action="store_true", help="a smaller, faster version")
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="per-layer structure, parameters and compression of a saved model",
+        description="Read DIRECTORY/factlin_config.json (written by factlin.save_pretrained) "
+        "and show each factorized layer and the totals; no weight is loaded.",
+    )
+    inspect.add_argument("directory", metavar="DIRECTORY", help="written by save_pretrained")
+    inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
     return parser
 
 
@@ -369,6 +381,82 @@ def _run_demo(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def inspect_pretrained(directory: str) -> dict:
+    """Summary of a directory written by :func:`factlin.save_pretrained`: per layer its names,
+    type, shapes, factorization, ranks, parameters and compression, and the totals (plain
+    Python values). Reads the config and the weights file's size only."""
+    from .pretrained import WEIGHTS_NAMES, read_config
+
+    config = read_config(directory)
+    weights = os.path.join(directory, config.get("weights_file", WEIGHTS_NAMES["safetensors"]))
+    layers = config["layers"]
+    params = sum(int(r.get("params", 0)) for r in layers)
+    dense = sum(int(r.get("dense_params", 0)) for r in layers)
+    model_params = int(config.get("model_params", 0))
+    return {
+        "directory": directory,
+        "format_version": config["format_version"],
+        "factlin_version": config.get("factlin_version"),
+        "weights_file": os.path.basename(weights),
+        "file_bytes": os.path.getsize(weights) if os.path.isfile(weights) else None,
+        "layers": layers,
+        "layers_params": params,
+        "layers_dense_params": dense,
+        "compression": dense / max(1, params),
+        "model_params": model_params,
+        "model_dense_params": model_params - params + dense,
+    }
+
+
+def _print_inspect(summary: dict, out: TextIO) -> None:
+    header = ("layer", "type", "out x in", "tensorized (out | in)", "factorization", "rank",
+              "params", "dense", "ratio")  # fmt: skip
+    rows = [header]
+    for r in summary["layers"]:
+        names = [r["name"]] if r.get("name") is not None else []
+        names += list(r.get("aliases", ())) + [m["name"] for m in r.get("members", ())]
+        shape = (
+            "x".join(map(str, r["out_tensorized_features"]))
+            + " | "
+            + "x".join(map(str, r["in_tensorized_features"]))
+        )
+        layers = f" ({r['n_layers']} layers)" if r.get("n_layers", 1) > 1 else ""
+        rows.append((
+            ", ".join(names) or "(model)", r.get("module_type", "linear"),
+            f"{r['shape'][0]}x{r['shape'][1]}{layers}", shape, r["factorization"],
+            _rank_text(r["rank"]), f"{r['params']:,}", f"{r['dense_params']:,}",
+            f"{r['dense_params'] / max(1, r['params']):.2f}x",
+        ))  # fmt: skip
+    widths = [max(len(row[k]) for row in rows) for k in range(len(header))]
+    numeric = {6, 7, 8}
+    for index, row in enumerate(rows):
+        cells = [c.rjust(w) if k in numeric else c.ljust(w)
+                 for k, (c, w) in enumerate(zip(row, widths))]  # fmt: skip
+        print("  ".join(cells).rstrip(), file=out)
+        if index == 0:
+            print("-" * sum(widths + [2 * (len(widths) - 1)]), file=out)
+    size = summary["file_bytes"]
+    print(
+        f"{len(summary['layers'])} factorized layers: {summary['layers_dense_params']:,} -> "
+        f"{summary['layers_params']:,} parameters ({summary['compression']:.2f}x); whole model "
+        f"{summary['model_dense_params']:,} -> {summary['model_params']:,}; "
+        f"{summary['weights_file']} "
+        + ("missing" if size is None else f"{size / 1e6:.3g} MB")
+        + f" (format {summary['format_version']}, factlin {summary['factlin_version']})",
+        file=out,
+    )
+
+
+def _run_inspect(args: argparse.Namespace, out: TextIO) -> int:
+    summary = inspect_pretrained(args.directory)
+    if args.json:
+        json.dump(summary, out, indent=2)
+        print(file=out)
+    else:
+        _print_inspect(summary, out)
+    return 0
+
+
 def _error(message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return 2
@@ -388,6 +476,11 @@ def main(argv: Optional[list[str]] = None, out: Optional[TextIO] = None) -> int:
         return 2
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
+    if args.command == "inspect":
+        try:
+            return _run_inspect(args, out)
+        except (OSError, ValueError) as exc:  # missing files, unreadable configs
+            return _error(str(exc))
     if args.command == "demo":
         return _run_demo(args, out)
     try:

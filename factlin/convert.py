@@ -433,6 +433,11 @@ def tensorize_model(
     progress: Optional[bool] = None,
     budget: Optional[float] = None,
     tolerance: Optional[float] = None,
+    calibration: Optional[Any] = None,
+    sequential: bool = False,
+    calibration_kwargs: Optional[dict] = None,
+    process_group: Optional[Any] = None,
+    structure: Optional[Any] = None,
 ) -> tuple[nn.Module, ConversionReport]:
     """Replace the linear layers of ``model`` by factorized ones decomposed from their weights.
 
@@ -489,6 +494,39 @@ def tensorize_model(
         ``rel_error <= eps`` unless ``rank`` caps the ranks first. ``'cp'`` has no such
         rank-revealing algorithm and raises ``ValueError``. Layers whose error stays above
         ``eps`` under the rank cap, or that would not get smaller, are skipped.
+    calibration : iterable of batches, or dict of str to InputStats, optional
+        Real inputs of the model (see :mod:`factlin.calibration`: Tensors, tuples/lists of
+        arguments or Mappings of keyword arguments; keep padding out), or statistics already
+        collected (:func:`factlin.collect_input_stats`). Each layer is then fitted to its
+        outputs on these inputs (:meth:`FactorizedLinear.from_linear` with ``calibration``);
+        the report gives each layer's relative output error. A one-shot iterator is read
+        into a list first (several passes are needed). Layers no batch reaches are fitted
+        data-free (noted in the report).
+    sequential : bool, default False
+        With ``calibration``: convert the layers in the order the model calls them, each
+        fitted on the inputs it receives with the layers before it already compressed, to
+        reproduce the dense model's outputs (so later layers correct earlier errors instead
+        of compounding them). Costs two forward passes over the batches per group of layers
+        that share one input tensor (e.g. 4 groups per BERT block); memory: three
+        ``in x in`` float64 matrices per layer of the group, never all layers' at once. With
+        ``inplace=True`` the dense model is copied first (the reference).
+    calibration_kwargs : dict, optional
+        Options of the calibrated fits (see :meth:`FactorizedLinear.from_linear`).
+    process_group : torch.distributed.ProcessGroup, optional
+        Share the decompositions between the ranks of this group (see
+        :mod:`factlin.distributed`): call on every rank with the same model and arguments;
+        the layers are split by estimated cost, each rank decomposes its share and the results
+        are broadcast, so every rank returns the same model, bitwise equal to a conversion in
+        one process. Calibration batches are each rank's own share: their statistics are
+        summed over the ranks. Not with ``sequential``. None (default): this process alone.
+    structure : ConversionReport or dict, optional
+        Rebuild the structure a conversion produced -- a report, its ``to_dict()``, or the
+        contents of a ``factlin_config.json`` -- without decomposing: the recorded layers
+        become :class:`FactorizedLinear` layers of the recorded shapes and ranks, randomly
+        initialized (nothing allocated on the ``meta`` device), ready for
+        ``load_state_dict``; the path of :func:`factlin.from_pretrained`. Only
+        ``implementation`` and ``inplace`` apply then; a recorded layer missing from
+        ``model`` or of another size raises ``ValueError`` naming both shapes.
 
     Returns
     -------
@@ -516,7 +554,54 @@ def tensorize_model(
     # ---- every check first -------------------------------------------------------------------
     if not isinstance(model, nn.Module):
         raise TypeError(f"model={describe(model)}: expected a torch.nn.Module")
-    factorization = normalize_factorization(factorization)
+    if structure is not None:
+        from .pretrained import structure_conversion
+
+        given = [name for name, value, default in (
+            ("rank", rank, "same"), ("budget", budget, None), ("tolerance", tolerance, None),
+            ("include", include, None), ("exclude", exclude, None),
+            ("decomposition_kwargs", decomposition_kwargs, None),
+            ("calibration", calibration, None),
+        ) if not (value is default or (isinstance(value, str) and value == default))]  # fmt: skip
+        if given:
+            raise FactlinError(
+                f"structure= rebuilds the recorded layers as they are: {', '.join(given)} "
+                "cannot be combined with it"
+            )
+        return structure_conversion(
+            model, structure, implementation=check_implementation(implementation),
+            inplace=check_bool("inplace", inplace),
+        )  # fmt: skip
+    auto = isinstance(factorization, str) and factorization.strip().lower() == "auto"
+    factorization = "auto" if auto else normalize_factorization(factorization)
+    sequential = check_bool("sequential", sequential)
+    fit_options = check_calibration_kwargs(calibration_kwargs)
+    given_stats = _given_stats(calibration)
+    if calibration is not None and given_stats is None:
+        calibration = calibration_batches(calibration, reusable=True)
+    if auto and (budget is None or calibration is None):
+        raise FactlinError(
+            "factorization='auto' chooses each layer's format from its calibrated output "
+            "errors under a parameter budget: pass budget= and calibration= too"
+        )
+    if sequential and calibration is None:
+        raise FactlinError("sequential=True fits layers on calibration inputs: pass calibration=")
+    if sequential and given_stats is not None:
+        raise TypeError(
+            "sequential=True needs calibration batches to run through the partly compressed "
+            "model, not precomputed statistics"
+        )
+    process_group = check_process_group("process_group", process_group)
+    if process_group is not None and sequential:
+        raise FactlinError(
+            "sequential=True fits the layers one after another, each on the outputs of the "
+            "ones before: it cannot be shared between ranks; pass process_group=None"
+        )
+    if calibration is not None and tolerance is not None:
+        raise FactlinError(
+            f"tolerance={tolerance} bounds the weight error, which a calibrated fit does not "
+            "minimize: pass a rank or a budget with calibration"
+        )
     implementation = check_implementation(implementation)
     n_modes = check_int("n_tensorized_modes", n_tensorized_modes, 1)
     min_features = check_int("min_features", min_features, 1)
@@ -611,66 +696,106 @@ def tensorize_model(
     return root, report
 
 
-def _convert(
-    plan: _Plan,
-    factorization: str,
-    implementation: str,
-    n_modes: int,
-    kwargs: dict,
-    tolerance: Optional[float],
-) -> Optional[FactorizedLinear]:
-    """Decompose one layer; on a layer-specific failure record the reason and return None."""
-    record, linear = plan.record, plan.module
-    rank = plan.rank
-    tic = time.perf_counter()
-    if tolerance is not None:
-        cap = _resolved(factorization, rank, plan.in_shape, plan.out_shape)[0]
-        if factorization == "tt":
-            kwargs = {**kwargs, "rel_tol": tolerance}
-            rank = cap
-        else:
-            wanted = _tucker_tolerance_ranks(
-                dense_weight(linear), plan.in_shape, plan.out_shape, tolerance
+def fit_cost(plan: _Plan, calibration: object) -> float:
+    """Estimated cost of fitting ``plan`` (for sharing the fits between ranks)."""
+    return estimate_fit_flops(
+        plan.factorization, plan.rank, plan.in_shape, plan.out_shape, calibration is not None
+    )
+
+
+def _given_stats(calibration: object) -> Optional[dict[str, InputStats]]:
+    """``calibration`` when it is a dict of precomputed statistics, else None."""
+    if isinstance(calibration, Mapping) and calibration:
+        values = list(calibration.values())
+        if all(isinstance(v, InputStats) for v in values):
+            return dict(calibration)
+    return None
+
+
+class _Fitter:
+    """Decomposes one planned layer; on a layer-specific failure records the reason and
+    returns None."""
+
+    def __init__(
+        self,
+        implementation: str,
+        kwargs: dict,
+        tolerance: Optional[float],
+        fit_options: dict,
+        calibrated: bool,
+    ) -> None:
+        self.implementation = implementation
+        self.kwargs = kwargs
+        self.tolerance = tolerance
+        self.fit_options = fit_options
+        self.calibrated = calibrated
+
+    def __call__(
+        self, plan: _Plan, stats: Optional[InputStats | PairedInputStats]
+    ) -> Optional[FactorizedLinear]:
+        record, linear = plan.record, plan.module
+        factorization, tolerance, kwargs = plan.factorization, self.tolerance, self.kwargs
+        rank = plan.rank
+        tic = time.perf_counter()
+        if tolerance is not None:
+            cap = _resolved(factorization, rank, plan.in_shape, plan.out_shape)[0]
+            if factorization == "tt":
+                kwargs = {**kwargs, "rel_tol": tolerance}
+                rank = cap
+            else:
+                wanted = _tucker_tolerance_ranks(
+                    dense_weight(linear), plan.in_shape, plan.out_shape, tolerance
+                )
+                rank = _cap_ranks(wanted, cap)
+        if stats is not None and stats.count == 0:
+            stats = None
+        if self.calibrated and stats is None:
+            record.note = "no calibration input reached it: fitted data-free"
+        try:
+            new = FactorizedLinear.from_linear(
+                linear,
+                rank=rank,
+                auto_tensorize=False,
+                in_tensorized_features=plan.in_shape,
+                out_tensorized_features=plan.out_shape,
+                factorization=factorization,
+                implementation=self.implementation,
+                decomposition_kwargs=kwargs,
+                calibration=stats,
+                calibration_kwargs=self.fit_options if stats is not None else None,
             )
-            rank = _cap_ranks(wanted, cap)
-    try:
-        new = FactorizedLinear.from_linear(
-            linear,
-            rank=rank,
-            n_tensorized_modes=n_modes,
-            factorization=factorization,
-            implementation=implementation,
-            decomposition_kwargs=kwargs,
-        )
-    except (FactlinError, RuntimeError) as exc:  # MemoryLimitError, linalg failures, ...
+        except (FactlinError, RuntimeError) as exc:  # MemoryLimitError, linalg failures, ...
+            record.seconds = time.perf_counter() - tic
+            record.skipped = f"decomposition failed: {exc}"
+            return None
         record.seconds = time.perf_counter() - tic
-        record.skipped = f"decomposition failed: {exc}"
-        return None
-    record.seconds = time.perf_counter() - tic
-    info = new.decomposition_info or {}
-    rel_error = info.get("rel_error")
-    after = _module_params(new)
-    if tolerance is not None:
-        if rel_error is not None and rel_error > tolerance * (1 + 1e-9) + 1e-12:
-            record.skipped = (
-                f"rank cap reached before tolerance={tolerance}: rel error {rel_error:.3g} at "
-                f"ranks {rank_str(new.rank)}"
-            )
-            return None
-        if after >= record.params_before:
-            record.skipped = (
-                f"reaching tolerance={tolerance} needs ranks {rank_str(new.rank)} with "
-                f"{after:,} parameters, not fewer than the dense {record.params_before:,}"
-            )
-            return None
-    new.train(linear.training)
-    if not linear.weight.requires_grad:
-        new.weight.requires_grad_(False)
-    record.factorization = new.factorization
-    record.rank = new.rank
-    record.params_after = after
-    record.rel_error = None if rel_error is None else float(rel_error)
-    return new
+        info = new.decomposition_info or {}
+        rel_error = info.get("rel_error")
+        after = _module_params(new)
+        if tolerance is not None:
+            if rel_error is not None and rel_error > tolerance * (1 + 1e-9) + 1e-12:
+                record.skipped = (
+                    f"rank cap reached before tolerance={tolerance}: rel error "
+                    f"{rel_error:.3g} at ranks {rank_str(new.rank)}"
+                )
+                return None
+            if after >= record.params_before:
+                record.skipped = (
+                    f"reaching tolerance={tolerance} needs ranks {rank_str(new.rank)} with "
+                    f"{after:,} parameters, not fewer than the dense {record.params_before:,}"
+                )
+                return None
+        new.train(linear.training)
+        if not linear.weight.requires_grad:
+            new.weight.requires_grad_(False)
+        record.factorization = new.factorization
+        record.rank = new.rank
+        record.params_after = after
+        record.rel_error = None if rel_error is None else float(rel_error)
+        if "output_error" in info:
+            record.output_error = float(info["output_error"])
+            record.output_error_data_free = float(info["output_error_data_free"])
+        return new
 
 
 def untensorize_model(model: nn.Module, inplace: bool = False) -> nn.Module:

@@ -28,10 +28,11 @@ from ._validation import (
 from .cost_model import choose_implementation
 from .errors import InputError, ShapeError, describe
 from .factorizations import FactorizedWeight, get_factorization, normalize_factorization
-from .factorizations._base import batch_bucket, constant_under_compile
+from .factorizations._base import batch_bucket, constant_under_compile, exporting_to_onnx
 from .input_stats import InputStats, PairedInputStats
 from .rank import validate_rank
 from .tensorized_shape import get_tensorized_shape
+from .tltorch_compat import map_tltorch_keys
 from .weight_cache import WeightCache, fully_sharded
 
 __all__ = ["FactorizedLinear", "SubFactorizedLinear"]
@@ -485,6 +486,8 @@ class FactorizedLinear(nn.Module):
             bias = bias[layer]
         use_cache = self._use_cache()
         implementation = self._implementation
+        if implementation != "factorized" and exporting_to_onnx():
+            implementation = "factorized"  # a rebuilt matrix would be folded into the file
         if implementation == "auto":
             implementation = self._resolve_auto(x, use_cache)
         if implementation == "reconstructed":

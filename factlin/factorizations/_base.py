@@ -10,6 +10,7 @@ tensor, the matrix, the contraction with an input, the plan cache -- is shared h
 from __future__ import annotations
 
 import math
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Optional
@@ -48,6 +49,22 @@ def constant_under_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
     bakes its result (Python constants only) into the graph."""
     fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
     return fn
+
+
+@constant_under_compile
+def _onnx_flag() -> bool:
+    onnx = sys.modules.get("torch.onnx")  # never imported here: an export has imported it
+    return onnx is not None and bool(onnx.is_in_onnx_export())
+
+
+def exporting_to_onnx() -> bool:
+    """Whether ``torch.onnx.export`` (either exporter) is tracing the current call.
+
+    Then the factorized forward runs its ``'export'`` plan, which multiplies the input by the
+    factors in turn: every intermediate holds the batch, so no subgraph of parameters alone is
+    left for the exporter to constant-fold into a dense product stored in the file (CP at rank
+    0.3: twice the factors' bytes or more). Cheap outside tracing (two flag reads)."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()) and _onnx_flag()
 
 
 def batch_bucket(batch: int) -> int:
@@ -162,7 +179,8 @@ class FactorizedWeight(nn.Module, ABC):
     def _plan(
         self, kind: str, layer_selected: bool, batch: int, grad: bool = False
     ) -> ContractionPlan:
-        """The cached plan for ``kind`` ('contract' or 'tensor'), chosen for a forward alone or
+        """The cached plan for ``kind`` ('contract', 'export': see :func:`exporting_to_onnx`,
+        or 'tensor'), chosen for a forward alone or
         (``grad``) a forward and a backward; built on first use only."""
         key = (kind, layer_selected, batch, grad)
         plan = self._plans.get(key)
@@ -183,8 +201,12 @@ class FactorizedWeight(nn.Module, ABC):
         graph, as planning is Python work dynamo cannot trace, and only its steps, plain
         constants, enter the graph."""
         # One plan for any `torch.jit.trace`: it checks its graph by tracing again without grad.
-        grad = torch.is_grad_enabled() and not torch.jit.is_tracing()
-        if torch.compiler.is_compiling():
+        tracing = torch.jit.is_tracing()
+        grad = torch.is_grad_enabled() and not tracing
+        compiling = torch.compiler.is_compiling()
+        if kind == "contract" and (compiling or tracing) and _onnx_flag():
+            kind, grad = "export", False  # see exporting_to_onnx
+        if compiling:
             return run_steps(self._plan_steps(kind, layer_selected, batch, grad), operands)
         return self._plan(kind, layer_selected, batch, grad)(*operands)
 
@@ -193,7 +215,7 @@ class FactorizedWeight(nn.Module, ABC):
     ) -> ContractionPlan:
         subscripts, layer_letters, out_letters, in_letters = self._signature(layer_selected)
         shapes = self._operand_shapes(layer_selected)
-        if kind == "contract":
+        if kind in ("contract", "export"):
             in_sizes = self._contraction_in_shape()
             subscripts = [_BATCH_LETTER + in_letters, *subscripts]
             shapes = [(batch, *in_sizes), *shapes]
@@ -201,8 +223,11 @@ class FactorizedWeight(nn.Module, ABC):
         else:
             output = ("" if layer_selected else layer_letters) + out_letters + in_letters
         equation = ",".join(subscripts) + "->" + output
-        if kind != "contract":
+        if kind == "tensor":
             return plan_contraction(equation, shapes, with_backward=grad)
+        if kind == "export":  # the input meets the factors one at a time (exporting_to_onnx)
+            return plan_contraction(equation, shapes, batch_mode=_BATCH_LETTER,
+                                    max_weight_intermediate=0)  # fmt: skip
         # Factors may be contracted together first where that is faster (at large batches even
         # the whole weight, as one einsum over x and the factors would), but no weight-only
         # intermediate may be much larger than the weight, or than the plan's largest
