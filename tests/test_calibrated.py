@@ -10,6 +10,7 @@ import torch
 from _close import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import FACTORIZATION_NAMES
 from torch import nn
 
 from factlin import FactorizedLinear
@@ -123,18 +124,30 @@ def _info_is_consistent(info: dict) -> None:
 
 
 # ---- the properties, for every format and 1-3 tensorized modes --------------------------------
+@pytest.mark.parametrize("n_layers", [1, 2])
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("modes", [1, 2, 3])
 @pytest.mark.parametrize("factorization", ["cp", "tucker", "tt"])
-@settings(max_examples=3)
+def test_calibrated_fit_never_loses_to_the_data_free_fit(factorization, modes, bias, n_layers):
+    # every combination once (the property test below draws them at random)
+    seed = 1000 * modes + 100 * n_layers + 10 * bias + len(factorization)
+    _check_never_loses(factorization, modes, bias, n_layers, 0.35, seed)
+
+
+@settings(max_examples=8)  # the fits are costly
 @given(
+    factorization=st.sampled_from(FACTORIZATION_NAMES),
+    modes=st.integers(1, 3),
     bias=st.booleans(),
-    n_layers=st.sampled_from([1, 2]),
-    rank=st.floats(0.15, 0.6),
+    n_layers=st.integers(1, 3),
+    rank=st.floats(0.1, 0.8),
     seed=st.integers(0, 2**16),
 )
-def test_calibrated_fit_never_loses_to_the_data_free_fit(
-    factorization, modes, bias, n_layers, rank, seed
-):
+def test_calibrated_fit_never_loses_property(factorization, modes, bias, n_layers, rank, seed):
+    _check_never_loses(factorization, modes, bias, n_layers, rank, seed)
+
+
+def _check_never_loses(factorization, modes, bias, n_layers, rank, seed):
     in_shape, out_shape = SHAPES[modes]
     in_features, out_features = math.prod(in_shape), math.prod(out_shape)
     linears = _linears(n_layers, in_features, out_features, bias, seed, torch.float64)
