@@ -174,3 +174,21 @@ def test_cp_proxies(proxy):
 def test_search_bad_arguments(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         choose_tensorized_shape(*args, **kwargs)
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 100), rank=st.sampled_from([0.2, 0.4]))
+def test_cp_search_is_never_worse_than_balanced(seed, rank):
+    from factlin.shape_search import _decomposition_error
+
+    w = low_rank_weight(48, 36, seed, decay=1.0).float()
+    in_shape, out_shape, info = choose_tensorized_shape(w, "cp", rank, 2)
+    chosen = next(c for c in info if c["chosen"])
+    balanced = get_tensorized_shape(36, 48, 2)
+    bal_rank, _ = resolve_rank("cp", rank, *balanced)
+    bal_error, _ = _decomposition_error(w, "cp", *balanced, bal_rank, {})
+    if "full_error" in chosen:  # the proxy's pick was checked against balanced by full fits
+        assert "full_error" in info[0] and chosen["full_error"] <= info[0]["full_error"]
+        assert info[0]["full_error"] == pytest.approx(bal_error, rel=1e-6)
+    else:  # the proxy itself preferred the balanced shape
+        assert (in_shape, out_shape) == balanced
