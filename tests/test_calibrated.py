@@ -3,6 +3,7 @@ and FactorizedLinear.from_linear / from_linear_list with ``calibration``."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -628,3 +629,50 @@ def test_output_objective_value_and_relative_error():
         assert objective.relative_error(w) < 1e-7  # exact up to the sqrt(eps) floor
     zero = OutputObjective.for_weights(w, [InputStats(6), InputStats(6)], False)
     assert zero.relative_error(w_hat) == 0.0
+
+
+# ---- scale invariance and zero layers ---------------------------------------------------------
+@pytest.mark.parametrize("factorization", ["cp", "tucker", "tt"])
+@pytest.mark.parametrize("scale", [1e-6, 1e6])
+def test_the_fit_does_not_depend_on_the_input_scale(factorization, scale):
+    # the objective is relative and the damping relative: scaling every input by a constant
+    # changes nothing (without refinement exactly; with it, the result stays at least as good)
+    (linear,) = _linears(1, 24, 18, True, 83, torch.float64)
+    x = _inputs(60, 24, 89)
+    options = {"rank": 0.3, "factorization": factorization, "n_tensorized_modes": 3}
+    options["decomposition_kwargs"] = FREE[factorization]
+    errors = {}
+    for alpha in (1.0, scale):
+        layer = FactorizedLinear.from_linear(
+            linear, calibration=alpha * x, calibration_kwargs={"refine": False}, **options
+        )
+        errors[alpha] = layer.decomposition_info["output_error"]
+    assert errors[scale] == pytest.approx(errors[1.0], rel=1e-6)
+    for dtype in (torch.float64, torch.float32):
+        lin = copy.deepcopy(linear).to(dtype)
+        layer = FactorizedLinear.from_linear(
+            lin, calibration=(scale * x).to(dtype), calibration_kwargs=FAST, **options
+        )
+        info = layer.decomposition_info
+        _check_finite(layer)
+        _info_is_consistent(info)
+        measured, _ = _output_errors(layer, [lin], [(scale * x).to(dtype)], True)
+        assert measured == pytest.approx(
+            info["output_error"], rel=1e-3 if dtype == torch.float32 else 1e-8
+        )
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker", "tt"])
+def test_a_zero_weight_stays_zero(factorization):
+    linear = nn.Linear(16, 12, dtype=torch.float64)
+    with torch.no_grad():
+        linear.weight.zero_()
+    x = _inputs(30, 16, 97)
+    layer = FactorizedLinear.from_linear(
+        linear, rank=0.3, factorization=factorization, n_tensorized_modes=2, calibration=x
+    )
+    info = layer.decomposition_info
+    _check_finite(layer)
+    assert info["output_error"] == 0.0 and info["rel_error"] == 0.0
+    with torch.no_grad():
+        assert_close(layer(x), linear(x), rtol=0, atol=1e-12)
