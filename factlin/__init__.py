@@ -47,3 +47,11 @@ __all__ = [
     "InputError",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``factlin.FactorizedEmbedding`` and tltorch's other names: an ``AttributeError`` that
+    says factlin provides ``FactorizedLinear`` and its tools, not the rest of tltorch."""
+    if name in TLTORCH_ONLY_NAMES:
+        raise tltorch_only_name_error(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,9 +28,14 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ._linear_like import dense_weight, is_linear_like
 from ._patterns import NameMatcher, Patterns
 from .errors import FactlinError, InputError, ShapeError, describe
 from .input_stats import InputStats, PairedInputStats
+
+#: With ``progress=None``, stay silent for this long; then a line at most this often.
+_PROGRESS_DELAY_S = 2.0
+_PROGRESS_EVERY_S = 2.0
 
 __all__ = ["CalibrationError", "collect_input_stats", "run_batch", "calibration_batches"]
 
@@ -85,13 +90,14 @@ def linear_layers(
     include: Optional[Patterns] = None,
     exclude: Optional[Patterns] = None,
 ) -> dict[str, nn.Module]:
-    """Every ``nn.Linear`` of ``model`` matching the filters, under its first qualified name."""
+    """Every ``nn.Linear`` (or Hugging Face ``Conv1D``) of ``model`` matching the filters,
+    under its first qualified name."""
     includes = None if include is None else NameMatcher("include", include)
     excludes = None if exclude is None else NameMatcher("exclude", exclude)
     names: dict[int, list[str]] = {}
     modules: dict[int, nn.Module] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, nn.Linear):
+        if is_linear_like(module):
             names.setdefault(id(module), []).append(name)
             modules[id(module)] = module
     out = {}
@@ -105,17 +111,25 @@ def linear_layers(
 
 
 class _Progress:
+    """True: a line on stderr per batch; None: silent for ``_PROGRESS_DELAY_S``, then a line
+    at most every ``_PROGRESS_EVERY_S``; False: silent."""
+
     def __init__(self, progress: Optional[bool], what: str) -> None:
         self.enabled = progress
         self.what = what
-        self.start = time.perf_counter()
+        self.start = self.last = time.perf_counter()
 
     def step(self, index: int) -> None:
-        show = self.enabled or (self.enabled is None and time.perf_counter() - self.start > 2.0)
-        if show:
-            elapsed = time.perf_counter() - self.start
-            sys.stderr.write(f"factlin: {self.what}: batch {index + 1} ({elapsed:.1f} s)\n")
-            sys.stderr.flush()
+        now = time.perf_counter()
+        if self.enabled is False:
+            return
+        if self.enabled is None and (
+            now - self.start < _PROGRESS_DELAY_S or now - self.last < _PROGRESS_EVERY_S
+        ):
+            return
+        self.last = now
+        sys.stderr.write(f"factlin: {self.what}: batch {index + 1} ({now - self.start:.1f} s)\n")
+        sys.stderr.flush()
 
 
 def _input_of(name: str, module: nn.Module, args: tuple) -> torch.Tensor:
@@ -123,7 +137,7 @@ def _input_of(name: str, module: nn.Module, args: tuple) -> torch.Tensor:
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"layer {name!r} was called with {describe(x)}, not a tensor")
-    in_features = int(module.weight.shape[1])
+    in_features = int(dense_weight(module).shape[1])
     if x.ndim == 0 or x.shape[-1] != in_features:
         raise ShapeError(
             f"layer {name!r} got inputs of shape {tuple(x.shape)}, but its in_features is "
@@ -229,15 +243,10 @@ def collect_input_stats(
         raise TypeError(f"progress={describe(progress)}: expected True, False or None")
     batches = calibration_batches(calibration)
     layers = linear_layers(model, include, exclude)
-    device = None
-    for module in layers.values():
-        device = module.weight.device
-        break
     stats = {
-        name: InputStats(int(m.weight.shape[1]), device=m.weight.device)
+        name: InputStats(int(dense_weight(m).shape[1]), device=m.weight.device)
         for name, m in layers.items()
     }
-    del device
 
     def hook_for(name: str) -> Callable[[nn.Module, tuple], None]:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -304,7 +313,7 @@ def collect_paired_stats(
     dense_layers = {name: dense.get_submodule(name) for name in names}
     compressed_layers = {name: compressed.get_submodule(name) for name in names}
     stats = {
-        name: PairedInputStats(int(m.weight.shape[1]), device=m.weight.device)
+        name: PairedInputStats(int(dense_weight(m).shape[1]), device=m.weight.device)
         for name, m in dense_layers.items()
     }
     captured: dict[str, list[torch.Tensor]] = {name: [] for name in names}

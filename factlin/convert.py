@@ -31,12 +31,23 @@ from typing import Any, Optional, TextIO, Union
 import torch
 from torch import nn
 
+from ._calibrated_conversion import (
+    allocate_by_output_error,
+    collect_layer_stats,
+    dense_reference,
+    fit_sequentially,
+)
+from ._calibrated_init import check_calibration_kwargs
 from ._linear_like import dense_weight, is_linear_like, kind_of
 from ._patterns import NameMatcher, Pattern, Patterns, matches, pattern_str
 from ._typing import RankSpec, Shape
 from ._validation import check_bool, check_implementation, check_int
+from .calibration import calibration_batches
+from .distributed import all_reduce_stats, check_process_group, check_seeded, distribute_fits
+from .distributed import estimate_fit_flops
 from .errors import FactlinError, RankError, describe
 from .factorizations import normalize_factorization, resolve_rank
+from .input_stats import InputStats, PairedInputStats
 from .layer import FactorizedLinear, SubFactorizedLinear
 from .rank import validate_rank
 from .report import ConversionReport, LayerRecord, rank_str
@@ -168,6 +179,8 @@ class _Plan:
     matched: bool = False  # passed the include/exclude filters
     rank: Any = None  # what to pass to from_linear (resolved where possible)
     bias_params: int = 0
+    factorization: str = ""  # of this layer ('auto' chooses per layer)
+    estimated_error: Optional[float] = None  # the budget allocation's estimate
 
     @property
     def weight_params(self) -> int:
@@ -205,7 +218,10 @@ def _plan_layer(
         params_before=before,
         params_after=before,
     )
-    plan = _Plan(module, record, bias_params=before - out_features * in_features)
+    plan = _Plan(
+        module, record, bias_params=before - out_features * in_features,
+        factorization=factorization,
+    )  # fmt: skip
 
     def skip(reason: str) -> _Plan:
         record.skipped = reason
@@ -456,8 +472,10 @@ def tensorize_model(
         pattern in the mapping's order; layers that no entry matches are skipped. With a float
         ``f < 1``, layers whose factorized weight would not have fewer parameters than the
         dense one are skipped. With ``tolerance``, the rank is an upper bound.
-    factorization : {'cp', 'tucker', 'tt'}, default 'cp'
-        Case-insensitive, aliases accepted.
+    factorization : {'cp', 'tucker', 'tt', 'auto'}, default 'cp'
+        Case-insensitive, aliases accepted. ``'auto'`` (with ``budget`` and ``calibration``)
+        chooses per layer among a plain low-rank matrix and Tucker and TT over 2 or 3 modes
+        (:data:`factlin.allocation.AUTO_CANDIDATES`).
     implementation : {'factorized', 'reconstructed', 'auto'}, default 'auto'
         Forward implementation of the new layers.
     n_tensorized_modes : int, default 3
@@ -483,10 +501,13 @@ def tensorize_model(
         seconds, then one line per layer (an updating line on a terminal).
     budget : float, optional
         Total parameters of the matched linear layers (weights and biases, skipped layers
-        counted dense) as a fraction of what they have now. Ranks are chosen by giving every
-        layer the same parameter fraction, then letting the largest layer close the remaining
-        gap; the total lands within ±5% of the budget, or a ``ValueError`` says what can be
-        reached. Cannot be combined with an explicit ``rank``.
+        counted dense) as a fraction of what they have now. Without ``calibration``, ranks
+        are chosen by giving every layer the same parameter fraction, then letting the
+        largest layer close the remaining gap; the total lands within ±5% of the budget, or
+        a ``ValueError`` says what can be reached. With ``calibration``, the budget is
+        spread to minimize the sum of the layers' relative output errors
+        (:mod:`factlin.allocation`; a layer may stay dense); the total stays at or below the
+        budget. Cannot be combined with an explicit ``rank``.
     tolerance : float, optional
         Target relative Frobenius error ``eps`` in ``[0, 1)`` of each weight. Supported for
         ``'tt'`` (TT-SVD truncation, ``rel_tol``) and ``'tucker'`` (the smallest ranks allowed
@@ -613,6 +634,8 @@ def tensorize_model(
             f"decomposition_kwargs={describe(decomposition_kwargs)}: expected a dict or None"
         )
     kwargs = dict(decomposition_kwargs or {})
+    if process_group is not None:
+        check_seeded(kwargs)
     inplace = check_bool("inplace", inplace)
     if progress is not None:
         check_bool("progress", progress)
@@ -643,6 +666,7 @@ def tensorize_model(
 
     # ---- plan ----------------------------------------------------------------------------
     start = time.perf_counter()
+    dense = dense_reference(model, inplace) if sequential else None
     root = model if inplace else copy.deepcopy(model)
     model_before = _module_params(root)
     owners = _parameter_owners(root)
@@ -650,7 +674,7 @@ def tensorize_model(
         _plan_layer(
             module,
             names,
-            factorization=factorization,
+            factorization="tucker" if auto else factorization,  # 'auto': allocation decides
             rank_rule=rank_rule,
             n_modes=n_modes,
             min_features=min_features,
@@ -661,32 +685,88 @@ def tensorize_model(
         )
         for module, names in _linear_groups(root)
     ]
+    active = [p for p in plans if p.record.skipped is None]
+
+    # ---- input statistics ----------------------------------------------------------------
+    stats: dict[str, InputStats] = {}
+    if given_stats is not None:
+        stats = given_stats
+    elif calibration is not None and (not sequential or budget is not None):
+        stats = collect_layer_stats(
+            root, [p.record.name for p in active], calibration, progress
+        )
+        if process_group is not None:  # each rank saw its own batches
+            stats = all_reduce_stats(stats, [p.record.name for p in active], process_group)
+
+    # ---- ranks ---------------------------------------------------------------------------
     if budget is not None:
-        _apply_budget(plans, factorization, budget)
+        if calibration is not None:
+            allocate_by_output_error(
+                plans, stats, factorization, n_modes, budget, fit_options["damping"]
+            )
+        else:
+            _apply_budget(plans, factorization, budget)
 
-    # ---- decompose -----------------------------------------------------------------------
+    # ---- fit and swap --------------------------------------------------------------------
     progress_log = _Progress(progress, len(plans), start)
-    new_modules: dict[int, nn.Module] = {}
-    try:
-        for index, plan in enumerate(plans, start=1):
-            if plan.record.skipped is None:
-                new = _convert(plan, factorization, implementation, n_modes, kwargs, tolerance)
-                if new is not None:
-                    new_modules[id(plan.module)] = new
-            progress_log.layer(index, plan.record)
-    finally:
-        progress_log.close()
+    active = [p for p in plans if p.record.skipped is None]
+    fitter = _Fitter(implementation, kwargs, tolerance, fit_options, calibration is not None)
+    swapped: list[tuple[str, nn.Module]] = []  # (name, old module), to undo on failure
 
-    # ---- swap ----------------------------------------------------------------------------
-    for plan in plans:
-        new = new_modules.get(id(plan.module))
-        if new is None:
-            continue
+    def swap(plan: _Plan, new: nn.Module) -> None:
+        nonlocal root
         for name in (plan.record.name, *plan.record.aliases):
             if name == "":
+                swapped.append((name, root))
                 root = new
             else:
+                swapped.append((name, root.get_submodule(name)))
                 _set_submodule(root, name, new)
+
+    index = 0
+
+    def logged(plan: _Plan) -> None:
+        nonlocal index
+        index += 1
+        progress_log.layer(index, plan.record)
+
+    try:
+        if sequential and not (len(active) == 1 and active[0].record.name == ""):
+            assert dense is not None
+            fit_sequentially(
+                dense, root, active, calibration, fitter, swap, progress, after_each=logged
+            )
+        else:
+            new_modules: dict[int, nn.Module] = {}
+            if process_group is not None:  # each rank fits a share, then all get all
+                fitted = distribute_fits(
+                    active, lambda plan: fitter(plan, stats.get(plan.record.name)),
+                    process_group, costs=[fit_cost(p, calibration) for p in active],
+                    after_each=logged,
+                )  # fmt: skip
+                new_modules = {id(p): m for p, m in zip(active, fitted) if m is not None}
+            else:
+                for plan in active:
+                    new = fitter(plan, stats.get(plan.record.name))
+                    if new is not None:
+                        new_modules[id(plan)] = new
+                    logged(plan)
+            for plan in active:  # swapped only once every fit succeeded
+                if id(plan) in new_modules:
+                    swap(plan, new_modules[id(plan)])
+        fitted_ids = {id(p) for p in active}
+        for plan in plans:
+            if id(plan) not in fitted_ids:
+                logged(plan)
+    except BaseException:
+        for name, old in reversed(swapped):  # leave the model as it was
+            if name == "":
+                root = old
+            else:
+                _set_submodule(root, name, old)
+        raise
+    finally:
+        progress_log.close()
     report = ConversionReport(
         layers=[p.record for p in plans],
         seconds=time.perf_counter() - start,

@@ -33,6 +33,15 @@ class LayerRecord:
         Parameters of the module before and after (equal when skipped); the bias is included.
     rel_error : float or None
         Relative Frobenius error of the weight's decomposition.
+    output_error : float or None
+        With calibration: the relative output error on the calibration inputs,
+        ``||(W - W_hat) L|| / ||W L||`` (``L L^T`` the inputs' covariance; in sequential
+        conversion, against the dense model's outputs given the compressed model's inputs).
+    output_error_data_free : float or None
+        With calibration: the same error of the data-free decomposition at the same ranks.
+    note : str or None
+        Anything else worth knowing (e.g. a layer no calibration input reached, fitted
+        data-free).
     seconds : float
         Time spent decomposing this layer.
     skipped : str or None
@@ -51,6 +60,9 @@ class LayerRecord:
     rel_error: Optional[float] = None
     seconds: float = 0.0
     skipped: Optional[str] = None
+    output_error: Optional[float] = None
+    output_error_data_free: Optional[float] = None
+    note: Optional[str] = None
 
     @property
     def converted(self) -> bool:
@@ -138,7 +150,7 @@ class ConversionReport:
 
     def __str__(self) -> str:
         header = ("layer", "out x in", "tensorized (out | in)", "rank", "params", "after",
-                  "ratio", "rel err", "sec", "note")  # fmt: skip
+                  "ratio", "rel err", "out err", "sec", "note")  # fmt: skip
         rows = [header]
         for r in self.layers:
             name = r.name or "(model)"
@@ -158,11 +170,12 @@ class ConversionReport:
                 f"{r.params_after:,}",
                 f"{r.compression:.2f}x",
                 "-" if r.rel_error is None else f"{r.rel_error:.3g}",
+                "-" if r.output_error is None else f"{r.output_error:.3g}",
                 f"{r.seconds:.2f}",
-                "" if r.skipped is None else f"skipped: {r.skipped}",
+                f"skipped: {r.skipped}" if r.skipped is not None else (r.note or ""),
             ))  # fmt: skip
         widths = [max(len(row[k]) for row in rows) for k in range(len(header) - 1)]
-        numeric = {4, 5, 6, 7, 8}
+        numeric = {4, 5, 6, 7, 8, 9}
         lines = []
         for row in rows:
             cells = [

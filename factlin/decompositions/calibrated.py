@@ -61,6 +61,7 @@ __all__ = [
     "calibrated_fit",
     "kronecker_factors",
     "whitening",
+    "whitened_error",
     "DEFAULT_REFINE_ITER",
     "DEFAULT_REFINE_TOL",
 ]
@@ -217,8 +218,12 @@ def _state(weight: Any) -> dict[str, torch.Tensor]:
 
 
 def _matrices(weight: Any) -> torch.Tensor:
-    m = weight.to_matrix()
-    return m if m.ndim == 3 else m.unsqueeze(0)
+    """The rebuilt ``(n_layers, out, in)`` matrices, by one ``torch.einsum`` over the weight's
+    operands: no contraction plan is built (planning costs more than this contraction for the
+    many one-off weights a rank search fits)."""
+    subscripts, layer, out, inp = weight._signature(False)
+    tensor = torch.einsum(",".join(subscripts) + "->" + layer + out + inp, *weight._operands(None))
+    return tensor.reshape(weight.n_layers, weight.out_features, weight.in_features)
 
 
 def _is_exact_start(weight: Any) -> bool:
@@ -275,6 +280,21 @@ def _whitened_start(
     target = objective.target.to(torch.float64)
     tensor = white.apply(target).to(objective.target.dtype).reshape(weight.tensor_shape)
     return weight.init_from_tensor(tensor, **kwargs)
+
+
+@torch.no_grad()
+def whitened_error(
+    weight: Any,
+    objective: OutputObjective,
+    damping: float = DEFAULT_DAMPING,
+    kwargs: Optional[dict] = None,
+) -> float:
+    """Fit ``weight`` by the whitened start alone (no data-free start, no refinement) and
+    return its relative output error: a quick estimate for choosing ranks and formats."""
+    white = _Whitening(weight, objective, damping)
+    _whitened_start(weight, objective, white, dict(kwargs or {}))
+    white.from_whitened(weight)
+    return objective.relative_error(_matrices(weight))
 
 
 class _WhitenedQuadratic(torch.autograd.Function):
@@ -362,7 +382,8 @@ def _lbfgs(
     value, grad = value_and_grad(x)
     steps: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (s, y, 1 / y.s)
     n_iter = 0
-    for n_iter in range(1, n_iter_max + 1):
+    while n_iter < n_iter_max:
+        n_iter += 1
         # two-loop recursion: direction = -H grad
         q = grad.clone()
         alphas = []
