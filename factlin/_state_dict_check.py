@@ -67,11 +67,17 @@ def record_config(layer: nn.Module, destination: Mapping[str, Any], prefix: str)
 
 
 def check_state_dict(
-    layer: nn.Module, state_dict: Mapping[str, Any], prefix: str, local_metadata: Mapping
+    layer: nn.Module,
+    state_dict: Mapping[str, Any],
+    prefix: str,
+    local_metadata: Mapping,
+    tltorch: bool = False,
 ) -> None:
     """Raise :class:`StateDictMismatchError` if ``state_dict`` was saved from another config.
 
     Only the entries under ``prefix`` are looked at; nothing is raised when there are none.
+    ``tltorch``: the entries were renamed from tltorch's key layout (the message says so).
+    The message names the settings that differ, with both values, and no other.
     """
     incoming = {
         key[len(prefix) :]: value
@@ -86,30 +92,59 @@ def check_state_dict(
         differing = [f for f in _CONFIG_FIELDS if _normalize(saved.get(f)) != _normalize(mine[f])]
         if differing:
             raise StateDictMismatchError(
-                f"state_dict{_where(prefix)} was saved from {_describe(saved)}, but this layer "
-                f"is {_describe(mine)}: they differ in {', '.join(differing)}. Build the layer "
-                "with the saved configuration before loading"
+                f"state_dict{_where(prefix)} was saved from {_describe(saved, differing)}, but "
+                f"this layer is {_describe(mine, differing)}: they differ in "
+                f"{', '.join(differing)}. Build the layer with the saved configuration before "
+                "loading"
             )
         return
-    # No metadata (e.g. a plain dict): compare the tensors' names and shapes.
+    # No metadata (e.g. a plain dict, or tltorch's): compare the tensors' names and shapes.
     expected = {
         name: tuple(tensor.shape)
         for name, tensor in (*layer.named_parameters(), *layer.named_buffers())
     }
     problems = []
     for name, value in incoming.items():
-        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+        shape = _shape(value)
         if name.startswith("weight.") and name not in expected:
             problems.append(f"unexpected tensor {name!r}")
         elif name in expected and shape is not None and shape != expected[name]:
             problems.append(f"{name!r} has shape {shape}, expected {expected[name]}")
-    if problems:
+    if not problems:
+        return
+    layout = " (tltorch's key layout)" if tltorch else ""
+    held = _structure({name: _shape(value) for name, value in incoming.items()})
+    own = _structure(expected)
+    if held is None or own is None:
         raise StateDictMismatchError(
-            f"state_dict{_where(prefix)} holds {_infer(incoming)}, but this layer is "
-            f"{_describe(mine)} ({'; '.join(problems[:3])}"
-            f"{'; ...' if len(problems) > 3 else ''}). Build the layer with the configuration "
-            "the state_dict was saved from before loading"
+            f"state_dict{_where(prefix)}{layout} holds tensors {sorted(incoming)} that match no "
+            "known factorization layout (factlin's: weight.weights and weight.factors.<k> for "
+            "CP, weight.core and weight.factors.<k> for Tucker, weight.cores.<k> for TT; "
+            "tltorch's: weight.factors.factor_<k>); "
+            f"{'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}"
         )
+    differing = [f for f in _STRUCTURE_FIELDS if held[f] is not None and held[f] != own[f]]
+    if not differing:  # the same configuration, with extra or odd tensors
+        raise StateDictMismatchError(
+            f"state_dict{_where(prefix)}{layout} holds {_held(held, [])} like this layer, but "
+            f"{'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}"
+        )
+    names = [_STRUCTURE_NAMES[f] for f in differing]
+    raise StateDictMismatchError(
+        f"state_dict{_where(prefix)}{layout} holds {_held(held, differing)}, but this layer is "
+        f"{_own(own, differing)}: they differ in {', '.join(names)}. Build the layer with the "
+        "configuration the state_dict was saved from before loading"
+    )
+
+
+#: What the tensors alone tell about a layer, and how a message names each.
+_STRUCTURE_FIELDS = ("factorization", "rank", "modes", "n_layers")
+_STRUCTURE_NAMES = {
+    "factorization": "factorization",
+    "rank": "rank",
+    "modes": "tensorized shape",
+    "n_layers": "n_layers",
+}
 
 
 def _is_layer_key(name: str) -> bool:
@@ -127,42 +162,79 @@ def _where(prefix: str) -> str:
     return f" (at {prefix[:-1]!r})" if prefix else ""
 
 
-def _describe(config: Mapping[str, Any]) -> str:
-    text = (
-        f"a {config.get('factorization')!r} layer with rank {config.get('rank')!r}, "
-        f"in_tensorized_features={_normalize(config.get('in_tensorized_features'))} and "
-        f"out_tensorized_features={_normalize(config.get('out_tensorized_features'))}"
-    )
-    n_layers = config.get("n_layers", 1)
-    return text + (f" and n_layers={n_layers}" if n_layers != 1 else "")
+def _describe(config: Mapping[str, Any], fields: list[str]) -> str:
+    """``a '<factorization>' layer with`` the ``fields`` among the others (factorization aside)."""
+    parts = []
+    for field in fields:
+        if field == "rank":
+            parts.append(f"rank {config.get('rank')!r}")
+        elif field != "factorization":
+            parts.append(f"{field}={_normalize(config.get(field, 1))}")
+    text = f"a {config.get('factorization')!r} layer"
+    return text + (" with " + " and ".join(parts) if parts else "")
+
+
+def _modes_text(structure: Mapping[str, Any]) -> str:
+    modes = structure["modes"]
+    if structure["factorization"] == "tt":
+        return f"core out-modes {modes[0]} and in-modes {modes[1]}"
+    return f"tensor modes {modes}"
+
+
+def _held(structure: Mapping[str, Any], differing: list[str]) -> str:
+    """The state_dict's side: its factorization and rank always (what it holds), the rest when
+    it differs."""
+    text = f"a {structure['factorization']!r} weight with rank {structure['rank']!r}"
+    if "modes" in differing:
+        text += f" over {_modes_text(structure)}"
+    if "n_layers" in differing:
+        text += f" and n_layers={structure['n_layers']}"
+    return text
+
+
+def _own(structure: Mapping[str, Any], differing: list[str]) -> str:
+    """This layer's side: only what differs."""
+    text = f"a {structure['factorization']!r} layer"
+    parts = []
+    if "rank" in differing:
+        parts.append(f"rank {structure['rank']!r}")
+    if "modes" in differing:
+        parts.append(_modes_text(structure))
+    if "n_layers" in differing:
+        parts.append(f"n_layers={structure['n_layers']}")
+    return text + (" with " + " and ".join(parts) if parts else "")
 
 
 def _shape(value: object) -> Optional[tuple[int, ...]]:
+    if isinstance(value, tuple):
+        return value
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
-def _indexed(incoming: Mapping[str, Any], name: str) -> list[tuple[int, ...]]:
+def _indexed(shapes: Mapping[str, Any], name: str) -> list[tuple[int, ...]]:
     """Shapes of ``weight.<name>.<k>`` for k = 0, 1, ... (a ParameterList)."""
     pattern = re.compile(rf"weight\.{name}\.(\d+)$")
-    found = {int(m.group(1)): _shape(v) for k, v in incoming.items() if (m := pattern.match(k))}
+    found = {int(m.group(1)): v for k, v in shapes.items() if (m := pattern.match(k))}
     return [found[k] for k in sorted(found) if found[k] is not None]
 
 
-def _infer(incoming: Mapping[str, Any]) -> str:
-    """What the tensors of a ``state_dict`` say about the layer they were saved from."""
-    bias = _shape(incoming.get("bias"))
-    layers = f", n_layers={bias[0]}" if bias is not None and len(bias) == 2 else ""
-    cores = _indexed(incoming, "cores")
-    factors = _indexed(incoming, "factors")
-    core = _shape(incoming.get("weight.core"))
-    weights = _shape(incoming.get("weight.weights"))
+def _structure(shapes: Mapping[str, Optional[tuple[int, ...]]]) -> Optional[dict[str, Any]]:
+    """Factorization, rank, tensor modes (TT: core out- and in-modes) and, from a 2-D bias,
+    ``n_layers`` of a layer's tensors given by name and shape; None if they fit no layout."""
+    bias = shapes.get("bias")
+    n_layers = bias[0] if bias is not None and len(bias) == 2 else None
+    cores = _indexed(shapes, "cores")
+    factors = _indexed(shapes, "factors")
+    core = shapes.get("weight.core")
+    weights = shapes.get("weight.weights")
+    base = {"n_layers": n_layers}
     if cores and all(len(c) == 4 for c in cores):
         ranks = (cores[0][0], *(c[3] for c in cores))
-        outs, ins = tuple(c[1] for c in cores), tuple(c[2] for c in cores)
-        return f"a 'tt' weight with rank {ranks}, core out-modes {outs} and in-modes {ins}{layers}"
+        modes = (tuple(c[1] for c in cores), tuple(c[2] for c in cores))
+        return {**base, "factorization": "tt", "rank": ranks, "modes": modes}
     modes = tuple(f[0] for f in factors if len(f) == 2)
-    if core is not None:
-        return f"a 'tucker' weight with rank {core} over tensor modes {modes}{layers}"
-    if weights is not None and len(weights) == 1:
-        return f"a 'cp' weight with rank {weights[0]} over tensor modes {modes}{layers}"
-    return f"tensors {sorted(incoming)} that match no known factorization"
+    if core is not None and factors:
+        return {**base, "factorization": "tucker", "rank": core, "modes": modes}
+    if weights is not None and len(weights) == 1 and factors:
+        return {**base, "factorization": "cp", "rank": weights[0], "modes": modes}
+    return None

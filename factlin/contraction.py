@@ -36,7 +36,6 @@ from typing import Optional
 
 import opt_einsum
 import torch
-from opt_einsum.paths import DynamicProgramming, branch
 
 from ._matmul import backward_is_narrow, narrow_penalty, oriented_matmul
 
@@ -88,14 +87,22 @@ SECONDS_PER_FRESH_ELEMENT = 2.6e-9
 #: ...for buffers above this many elements (32 MiB of float32).
 _FRESH_ELEMENTS = 8 << 20
 #: Largest operand count searched exhaustively by :func:`_search_exhaustive` (3**n splits).
-_MAX_EXHAUSTIVE = 8
-#: Largest operand count given to opt_einsum's dynamic programming (fully connected networks,
-#: CP's, make it explode beyond: 2 s at 12 operands, 30 s at 14).
-_MAX_DYNAMIC_PROGRAMMING = 10
+_MAX_EXHAUSTIVE = 9
+#: Result orders the exhaustive search keeps per subset of operands (see there)...
+_ORDERS_KEPT = 2
+#: ...up to this many operands (one beyond)...
+_MAX_EXHAUSTIVE_ORDERS = 8
+#: ...within this factor of the cheapest.
+_ORDER_MARGIN = 1.1
 #: Batch sizes whose resolved reshape targets a plan keeps (then it starts over).
 _MAX_SIZED_BATCHES = 64
-#: Trials of opt_einsum's random-greedy search for larger networks (seeded, so deterministic).
-_RANDOM_GREEDY_REPEATS = 128
+#: Trials of opt_einsum's random-greedy search for larger networks (seeded, so deterministic):
+#: at most this many...
+_RANDOM_GREEDY_REPEATS = 32
+#: ...at least this many...
+_MIN_RANDOM_GREEDY_REPEATS = 4
+#: ...and about this many operand pairs in all (a trial weighs about n**2 pairs).
+_RANDOM_GREEDY_BUDGET = 2000
 
 
 def matmul_seconds(batch: int, m: int, n: int, k: int) -> float:
@@ -453,6 +460,21 @@ def step_seconds(
     ``backward``, the time of the step's share of the backward pass counts too. Without
     ``build`` (a search pricing candidates), only the cost and the result's order are filled
     in, not the step."""
+    options = step_options(left, right, keep, sizes, batch_mode, final_order, backward, build)
+    return min(options, key=lambda compiled: compiled.seconds)
+
+
+def step_options(
+    left: str,
+    right: str,
+    keep: frozenset[str],
+    sizes: dict[str, int],
+    batch_mode: str,
+    final_order: Optional[str] = None,
+    backward: bool = False,
+    build: bool = True,
+) -> list[_Compiled]:
+    """Both orientations of :func:`step_seconds`' step (their results' mode orders differ)."""
     if not isinstance(sizes, _ModeSizes):
         sizes = _ModeSizes(sizes)
     options = []
@@ -463,7 +485,7 @@ def step_seconds(
             extra = copy_seconds(compiled.order, final_order, sizes) * (2 if backward else 1)
             compiled = dataclasses.replace(compiled, seconds=compiled.seconds + extra)
         options.append(compiled)
-    return min(options, key=lambda compiled: compiled.seconds)
+    return options
 
 
 def _compile_oriented(
@@ -579,73 +601,202 @@ def _legs(subset: int, terms: Sequence[str], output: str) -> frozenset[str]:
     return frozenset(inside & outside)
 
 
+class _Pricer:
+    """:func:`step_seconds` without building the step, remembered for one planning call: the
+    searches of one plan price many of the same pairs."""
+
+    def __init__(self, sizes: dict[str, int], batch_mode: str, backward: bool) -> None:
+        self.sizes = sizes if isinstance(sizes, _ModeSizes) else _ModeSizes(sizes)
+        self.batch_mode = batch_mode
+        self.backward = backward
+        self.memo: dict[tuple, list[_Compiled]] = {}
+
+    def __call__(
+        self, left: str, right: str, legs: frozenset[str], final: Optional[str] = None
+    ) -> _Compiled:
+        return min(self.options(left, right, legs, final), key=lambda c: c.seconds)
+
+    def options(
+        self, left: str, right: str, legs: frozenset[str], final: Optional[str] = None
+    ) -> list[_Compiled]:
+        """Both orientations (see :func:`step_options`)."""
+        key = (left, right, legs, final)
+        options = self.memo.get(key)
+        if options is None:
+            options = self.memo[key] = step_options(
+                left, right, legs, self.sizes, self.batch_mode, final, self.backward, False
+            )
+        return options
+
+
+def _step_lower_bound(backward: bool) -> Callable[[int, int, int, int], float]:
+    """A lower bound of :func:`step_seconds` from the sizes of the step's batched, left-free,
+    right-free and summed modes (``summed`` 0 when nothing is summed): the step's cost in its
+    cheaper orientation without the permutation copies, which depend on the operands' layouts
+    (everything else in :func:`_compile_oriented` depends on these sizes alone)."""
+
+    memo: dict[tuple[int, int, int, int], float] = {}
+
+    def bound(nb: int, m: int, n: int, summed: int) -> float:
+        key = (nb, m, n, summed)
+        seconds = memo.get(key)
+        if seconds is None:
+            seconds = memo[key] = _bound(nb, m, n, summed)
+        return seconds
+
+    def _bound(nb: int, m: int, n: int, summed: int) -> float:
+        k = max(summed, 1)
+        full = nb * m * n * k
+        seconds = SECONDS_PER_STEP + fresh_seconds(nb * m * n)
+        if not summed or _is_dot(m, n, nb):
+            seconds += SECONDS_PER_PRODUCT_ELEMENT * full
+            if backward:
+                seconds += 2 * (SECONDS_PER_PRODUCT_ELEMENT * full + fresh_seconds(full))
+            return seconds
+        seconds += min(matmul_seconds(nb, m, n, k), matmul_seconds(nb, n, m, k))
+        if backward:
+            seconds += min(matmul_seconds(nb, m, k, n), matmul_seconds(nb, k, m, n))
+            seconds += min(matmul_seconds(nb, k, n, m), matmul_seconds(nb, n, k, m))
+            seconds += fresh_seconds(nb * m * k) + fresh_seconds(nb * k * n)
+        return seconds
+
+    return bound
+
+
 def _search_exhaustive(
     terms: Sequence[str], output: str, sizes: dict[str, int], batch_mode: str, allowed,
-    backward: bool = False,
+    backward: bool = False, price=None,
 ) -> Optional[list[tuple[int, int]]]:  # fmt: skip
     """Cheapest pairwise order (as a binary tree of operand subsets) by dynamic programming over
-    subsets, splitting every subset into two connected parts; ``None`` if none is allowed."""
+    subsets, splitting every subset into two connected parts; ``None`` if none is allowed.
+
+    Mode sets are bit masks. A split is priced (:func:`step_seconds`) only when its parts'
+    costs plus a lower bound of the step's own cost (:func:`_step_lower_bound`, from the
+    sizes of its matrix product alone) can still beat the best split found: most splits of a
+    fully connected network (CP's rank mode joins every factor) are discarded unpriced."""
+    if price is None:
+        price = _Pricer(sizes, batch_mode, backward)
     n = len(terms)
     full = (1 << n) - 1
-    # best[subset] = (seconds, mode order of the result, (left subset, right subset))
-    best: dict[int, tuple[float, str, Optional[tuple[int, int]]]] = {
-        1 << i: (0.0, term, None) for i, term in enumerate(terms)
-    }
+    bit = {c: 1 << i for i, c in enumerate(sorted(set("".join(terms)) | set(output)))}
+
+    def mask_of(modes: str) -> int:
+        value = 0
+        for c in modes:
+            value |= bit[c]
+        return value
+
+    letter_of = {b: c for c, b in bit.items()}
+    size_memo: dict[int, int] = {0: 1}
+
+    def size(mask: int) -> int:
+        value = size_memo.get(mask)
+        if value is None:
+            value = 1
+            rest = mask
+            while rest:
+                low = rest & -rest
+                value *= sizes[letter_of[low]]
+                rest ^= low
+            size_memo[mask] = value
+        return value
+
+    term_masks = [mask_of(t) for t in terms]
+    union = [0] * (full + 1)
+    for subset in range(1, full + 1):
+        low = subset & -subset
+        union[subset] = union[subset ^ low] | term_masks[low.bit_length() - 1]
+    output_mask = mask_of(output)
+    lower_bound = _step_lower_bound(backward)
+    orders_kept = 1 if n > _MAX_EXHAUSTIVE_ORDERS else _ORDERS_KEPT
+    # best[subset]: up to _ORDERS_KEPT (seconds, result order, (left, index), (right, index))
+    # with distinct result orders, cheapest first: the cheapest way to a subset may leave its
+    # modes in an order that costs a copy later, which a slightly dearer one avoids
+    best: dict[int, list[tuple[float, str, Optional[tuple[int, int]], Optional[tuple[int, int]]]]]
+    best = {1 << i: [(0.0, term, None, None)] for i, term in enumerate(terms)}
+    masks = {1 << i: term_masks[i] for i in range(n)}
     for subset in sorted(range(1, full + 1), key=lambda s: bin(s).count("1")):
         if subset in best:
             continue
-        legs = _legs(subset, terms, output)
+        keep = union[subset] & (union[full ^ subset] | output_mask)
+        legs = frozenset(letter_of[b] for b in bit.values() if keep & b)
         if subset != full and not allowed(legs):
             continue
         low = subset & -subset
         final = output if subset == full else None
-        candidate: Optional[tuple[float, str, tuple[int, int]]] = None
+        splits = []
         part = (subset - 1) & subset
         while part:
             if part & low:
                 rest = subset ^ part
                 if part in best and rest in best:
-                    (left_s, left, _), (right_s, right, _) = best[part], best[rest]
-                    # a step costs more than nothing: a split whose parts alone cost as much
-                    # as the best found cannot win
-                    below = left_s + right_s
-                    if (candidate is None or below < candidate[0]) and set(left) & set(right):
-                        compiled = step_seconds(
-                            left, right, legs, sizes, batch_mode, final, backward, False
-                        )
-                        seconds = below + compiled.seconds
-                        if candidate is None or seconds < candidate[0]:
-                            candidate = (seconds, compiled.order, (part, rest))
+                    left_mask, right_mask = masks[part], masks[rest]
+                    shared = left_mask & right_mask
+                    if shared:
+                        step = lower_bound(
+                            size(shared & keep), size(left_mask & keep & ~shared),
+                            size(right_mask & keep & ~shared),
+                            size(shared & ~keep) if shared & ~keep else 0,
+                        )  # fmt: skip
+                        bound = best[part][0][0] + best[rest][0][0] + step
+                        splits.append((bound, step, part, rest))
             part = (part - 1) & subset
-        if candidate is not None:
-            best[subset] = candidate
+        # best first (the bound uses each part's cheapest order): once a split's bound cannot
+        # beat the orders kept, no later one can
+        splits.sort()
+        kept: dict[str, tuple[float, str, tuple[int, int], tuple[int, int]]] = {}
+        limit = math.inf
+        for bound, step, part, rest in splits:
+            if bound >= limit:
+                break
+            for i, left_entry in enumerate(best[part]):
+                for j, right_entry in enumerate(best[rest]):
+                    below = left_entry[0] + right_entry[0]
+                    if below + step >= limit:
+                        continue
+                    # (the cheaper orientation only: a plan's path does not record another)
+                    compiled = price(left_entry[1], right_entry[1], legs, final)
+                    seconds = below + compiled.seconds
+                    current = kept.get(compiled.order)
+                    if current is None or seconds < current[0]:
+                        kept[compiled.order] = (seconds, compiled.order, (part, i), (rest, j))
+                        ranked = sorted(entry[0] for entry in kept.values())
+                        limit = ranked[0] * _ORDER_MARGIN
+                        if len(ranked) >= orders_kept:
+                            limit = min(limit, ranked[orders_kept - 1])
+        if kept:
+            entries = sorted(kept.values())[:orders_kept]
+            best[subset] = [e for e in entries if e[0] <= entries[0][0] * _ORDER_MARGIN]
+            masks[subset] = keep
     if full not in best:
         return None
     # Turn the tree into a sequence of (position, position) pairs on a working list.
     pairs: list[tuple[int, int]] = []
-    working: list[int] = [1 << i for i in range(n)]
+    working: list[tuple[int, int]] = [(1 << i, 0) for i in range(n)]
 
-    def emit(subset: int) -> None:
-        split = best[subset][2]
-        if split is None:
+    def emit(node: tuple[int, int]) -> None:
+        _, _, left, right = best[node[0]][node[1]]
+        if left is None or right is None:
             return
-        emit(split[0])
-        emit(split[1])
-        i, j = working.index(split[0]), working.index(split[1])
+        emit(left)
+        emit(right)
+        i, j = working.index(left), working.index(right)
         pairs.append((i, j))
         for position in sorted((i, j), reverse=True):
             del working[position]
-        working.append(subset)
+        working.append(node)
 
-    emit(full)
+    emit((full, 0))
     return pairs
 
 
 def _search_greedy(
     terms: Sequence[str], output: str, sizes: dict[str, int], batch_mode: str, allowed,
-    backward: bool = False,
+    backward: bool = False, price: Optional[_Pricer] = None,
 ) -> list[tuple[int, int]]:  # fmt: skip
     """Repeatedly contract the connected pair whose step is cheapest (for many operands)."""
+    if price is None:
+        price = _Pricer(sizes, batch_mode, backward)
     working = [(1 << i, term) for i, term in enumerate(terms)]
     pairs: list[tuple[int, int]] = []
     while len(working) > 1:
@@ -658,9 +809,7 @@ def _search_greedy(
                 legs = _legs(si | sj, terms, output)
                 if len(working) > 2 and not allowed(legs):
                     continue
-                compiled = step_seconds(
-                    ti, tj, legs, sizes, batch_mode, backward=backward, build=False
-                )
+                compiled = price(ti, tj, legs)
                 options.append((compiled.seconds, i, j, compiled.order))
         if not options:  # nothing connected is allowed: take the first pair
             legs = _legs(working[0][0] | working[1][0], terms, output)
@@ -792,13 +941,12 @@ def _plan_cached(
             return True
         return math.prod(sizes[c] for c in legs) <= max_weight_intermediate
 
-    # Candidates: our exhaustive search (small networks), opt_einsum's searches, and a greedy
-    # fallback; the fastest under the time model whose intermediates are allowed wins.
-    candidates = []
-    if len(terms) <= _MAX_EXHAUSTIVE:
-        candidates.append(_search_exhaustive(terms, output, sizes, batch_mode, allowed, backward))
-    candidates.extend(_opt_einsum_paths(terms, output, sizes))
-    candidates.append(_search_greedy(terms, output, sizes, batch_mode, allowed, backward))
+    # Candidates, within a bounded planning time: our exhaustive search for small networks
+    # (after absorbing vectors, e.g. CP's weights, into a factor for larger ones), opt_einsum's
+    # greedy searches for the rest, and our greedy pass; the fastest under the time model
+    # whose intermediates are allowed wins.
+    price = _Pricer(sizes, batch_mode, backward)
+    candidates = _candidate_paths(terms, output, sizes, batch_mode, allowed, backward, price)
     best = None
     for path in candidates:
         if path is None or not _respects(path, terms, output, allowed):
@@ -807,11 +955,72 @@ def _plan_cached(
         if best is None or compiled[3] < best[1][3]:
             best = (path, compiled)
     if best is None:  # nothing respects the limits: the greedy order regardless
-        path = candidates[-1]
+        path = _search_greedy(terms, output, sizes, batch_mode, allowed, backward, price)
         best = (path, _compile_path(terms, output, sizes, batch_mode, path, backward))
     path, (steps, flops, largest, seconds, written) = best
     path = tuple(map(tuple, path))
     return ContractionPlan(equation, path, steps, flops, largest, seconds, written)
+
+
+def _candidate_paths(
+    terms: Sequence[str], output: str, sizes: _ModeSizes, batch_mode: str, allowed,
+    backward: bool, price: _Pricer,
+) -> list[Optional[list[tuple[int, int]]]]:  # fmt: skip
+    """The contraction orders :func:`plan_contraction` chooses from, found in bounded time.
+
+    Up to :data:`_MAX_EXHAUSTIVE` operands: the exhaustive search (optimal under the time
+    model, but for the result orders it keeps) and the greedy pass. Beyond: vectors are first
+    absorbed into the smallest operand holding their modes (CP's weights, a layer's row; one
+    broadcast product each, as every plan does somewhere), then the exhaustive search if that
+    leaves few enough operands, else opt_einsum's greedy and a few seeded random-greedy trials
+    (:data:`_RANDOM_GREEDY_BUDGET` operand pairs in all) and our greedy pass."""
+    candidates: list[Optional[list[tuple[int, int]]]] = []
+    search = (output, sizes, batch_mode, allowed, backward, price)
+    if len(terms) <= _MAX_EXHAUSTIVE:
+        candidates.append(_search_exhaustive(terms, *search))
+        candidates.append(_search_greedy(terms, *search))
+        return candidates
+    prefix, reduced = _absorb_vectors(terms, output, price, batch_mode, allowed)
+    if prefix and len(reduced) <= _MAX_EXHAUSTIVE:
+        found = _search_exhaustive(reduced, *search)
+        candidates.append(None if found is None else prefix + found)
+    else:
+        candidates.extend(_opt_einsum_paths(terms, output, sizes))
+    candidates.append(_search_greedy(terms, *search))
+    return candidates
+
+
+def _absorb_vectors(
+    terms: Sequence[str], output: str, price: _Pricer, batch_mode: str, allowed
+) -> tuple[list[tuple[int, int]], list[str]]:
+    """Pairs contracting each operand whose modes all belong to another operand (without the
+    batch mode) into the smallest such one, and the working list of terms they leave."""
+    working = list(terms)
+    pairs: list[tuple[int, int]] = []
+    while True:
+        found = None
+        for i, term in enumerate(working):
+            if batch_mode and batch_mode in term:
+                continue
+            holders = [
+                j for j, other in enumerate(working)
+                if j != i and set(term) <= set(other) and not (batch_mode and batch_mode in other)
+                and len(other) > len(term)
+            ]  # fmt: skip
+            if holders:
+                j = min(holders, key=lambda j: price.sizes[working[j]])
+                found = (i, j)
+                break
+        if found is None:
+            return pairs, working
+        i, j = found
+        outside = set(output).union(*(t for k, t in enumerate(working) if k not in (i, j)))
+        legs = frozenset((set(working[i]) | set(working[j])) & outside)
+        if not allowed(legs):
+            return pairs, working
+        merged = price(working[i], working[j], legs).order
+        pairs.append((i, j))
+        working = [t for k, t in enumerate(working) if k not in (i, j)] + [merged]
 
 
 def _batch_at(terms: Sequence[str], batch_mode: str) -> tuple[int, ...]:
@@ -851,9 +1060,10 @@ def _squeezed(
 def _opt_einsum_paths(
     terms: Sequence[str], output: str, sizes: dict[str, int]
 ) -> list[Optional[list[tuple[int, int]]]]:
-    """opt_einsum's orders, pairwise: its dynamic programming on FLOPs plus intermediate sizes
-    for small networks; for larger ones, where that search explodes (a CP weight is one
-    hyperedge joining every factor), its seeded random-greedy and branch searches.
+    """opt_einsum's orders, pairwise, for networks too large for the exhaustive search: its
+    greedy search and a bounded number of seeded random-greedy trials (its dynamic programming
+    and branch searches explode on such networks: a CP weight is one hyperedge joining every
+    factor; 2 s at 12 operands, a minute at 20).
 
     The searches are called with integer mode labels: they iterate over sets of labels, and
     integers hash alike in every process where strings do not (``PYTHONHASHSEED``), so the
@@ -863,14 +1073,12 @@ def _opt_einsum_paths(
     inputs = [frozenset(map(ord, term)) for term in terms]
     output_set = frozenset(map(ord, output))
     size_dict = {ord(c): n for c, n in sizes.items() if len(c) == 1}
-    optimizers: list = []
-    if len(terms) <= _MAX_DYNAMIC_PROGRAMMING:
-        optimizers.append(DynamicProgramming(minimize="combo"))
-    if len(terms) > _MAX_EXHAUSTIVE:
-        optimizers += [
-            opt_einsum.RandomGreedy(max_repeats=_RANDOM_GREEDY_REPEATS),
-            functools.partial(branch, nbranch=2),
-        ]
+    # random-greedy trials cost about n**2 pair evaluations each: as many as the budget allows
+    repeats = max(_MIN_RANDOM_GREEDY_REPEATS, _RANDOM_GREEDY_BUDGET // len(terms) ** 2)
+    optimizers: list = [
+        opt_einsum.paths.greedy,
+        opt_einsum.RandomGreedy(max_repeats=min(repeats, _RANDOM_GREEDY_REPEATS)),
+    ]
     state = random.getstate()  # random-greedy seeds Python's generator with its trial numbers
     try:
         paths = []

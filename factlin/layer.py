@@ -129,6 +129,7 @@ class FactorizedLinear(nn.Module):
         self.factorization: str = weight_class.name
         self.inference_cache: bool = True
         self.decomposition_info: Optional[dict] = None
+        self._input_rank: RankSpec = rank  # as given (tltorch's input_rank)
         self._weight_cache = WeightCache()
         self._auto_choices: dict[tuple[int, bool, bool, str], str] = {}
         #: Per batch bucket: whether 'reconstructed' training takes the factorized backward.
@@ -435,6 +436,30 @@ class FactorizedLinear(nn.Module):
         """The ranks actually used (CP: int; Tucker: one per mode; TT: bonds with boundary 1s)."""
         return self.weight.rank
 
+    # tltorch's attributes (read-only views of the configuration)
+    @property
+    def tensorized_shape(self) -> Shape:
+        """``out_tensorized_features + in_tensorized_features`` (tltorch's attribute; no
+        ``n_layers`` mode). The weight's :attr:`~FactorizedWeight.tensor_shape` has it."""
+        return self.out_tensorized_features + self.in_tensorized_features
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """``(out_features, in_features)``, the shape of each layer's matrix (tltorch's)."""
+        return (self.out_features, self.in_features)
+
+    @property
+    def input_rank(self) -> RankSpec:
+        """The ``rank`` argument as given (tltorch's); :attr:`rank` holds the ranks used."""
+        return getattr(self, "_input_rank", self.rank)
+
+    @property
+    def has_bias(self) -> Any:
+        """Whether the layer has a bias (tltorch's): a bool, or one bool per layer when
+        ``n_layers > 1`` (tltorch: an array, 0 until ``from_linear_list`` fills it)."""
+        present = self.bias is not None
+        return present if self.n_layers == 1 else (present,) * self.n_layers
+
     @property
     def implementation(self) -> str:
         return self._implementation
@@ -575,8 +600,10 @@ class FactorizedLinear(nn.Module):
     def _load_from_state_dict(
         self, state_dict: Any, prefix: str, local_metadata: Any, *args: Any
     ) -> None:
-        # A state_dict of another factorization, rank or shape fails here, naming both.
-        check_state_dict(self, state_dict, prefix, local_metadata)
+        # tltorch's key names (weight.factors.factor_0, ...) become factlin's; then a
+        # state_dict of another factorization, rank or shape fails here, naming what differs.
+        tltorch = map_tltorch_keys(state_dict, prefix) is not None
+        check_state_dict(self, state_dict, prefix, local_metadata, tltorch=tltorch)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
     def __getstate__(self) -> dict:

@@ -27,7 +27,7 @@ from ..contraction import (
     plan_contraction,
     run_steps,
 )
-from ..errors import ShapeError
+from ..errors import FactlinError, ShapeError, describe
 
 __all__ = ["FactorizedWeight", "Signature"]
 
@@ -340,6 +340,115 @@ class FactorizedWeight(nn.Module, ABC):
             return tensor.reshape(self.n_layers, self.out_features, self.in_features)
         return tensor.reshape(self.out_features, self.in_features)
 
+    # ---- tltorch's factorized-tensor API -------------------------------------------------
+    # What code written for tltorch reads off ``layer.weight`` (a tltorch ``TensorizedTensor``
+    # there): its matrix shape, its nested tensorized shape, ``normal_``, ``decomposition``,
+    # calling and indexing it. Calling and indexing give dense tensors here (tltorch gives its
+    # factorized tensors, which torch functions then rebuild).
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the matrix this weight stands for, as tltorch reports it:
+        ``(out_features, in_features)``, or ``(n_layers, out_features, in_features)`` when
+        ``n_layers > 1``. The tensorized tensor's shape is :attr:`tensor_shape`."""
+        layers = (self.n_layers,) if self.n_layers > 1 else ()
+        return (*layers, self.out_features, self.in_features)
+
+    @property
+    def tensorized_shape(self) -> tuple[Any, ...]:
+        """tltorch's nested form of the shape: ``(out_shape, in_shape)``, or
+        ``(n_layers, out_shape, in_shape)`` when ``n_layers > 1``."""
+        layers = (self.n_layers,) if self.n_layers > 1 else ()
+        return (*layers, self.out_shape, self.in_shape)
+
+    @property
+    def ndim(self) -> int:
+        """``len(self.shape)``."""
+        return len(self.shape)
+
+    def dim(self) -> int:
+        """``len(self.shape)``, like ``torch.Tensor.dim``."""
+        return len(self.shape)
+
+    def size(self, index: Optional[int] = None) -> Any:
+        """:attr:`shape`, or its entry ``index``, like ``torch.Tensor.size``."""
+        return self.shape if index is None else self.shape[index]
+
+    def numel(self) -> int:
+        """Number of entries of the full matrix (not of the parameters: see
+        :meth:`num_parameters`)."""
+        return math.prod(self.shape)
+
+    @property
+    @abstractmethod
+    def decomposition(self) -> Any:
+        """The parameters in tensorly's order: ``(weights, factors)`` for CP, ``(core, factors)``
+        for Tucker, the list of cores for TT. The parameters themselves (not copies)."""
+
+    def forward(self, indices: Optional[int] = None) -> torch.Tensor:
+        """The full weight, as calling a tltorch weight gives: :meth:`to_matrix` (shape
+        :attr:`shape`), or ``self[indices]``. Expensive, like :meth:`to_matrix`."""
+        return self.to_matrix() if indices is None else self[indices]
+
+    def __getitem__(self, indices: Any) -> torch.Tensor:
+        """Entries of the matrix (shape :attr:`shape`). An int on a weight of ``n_layers > 1``
+        rebuilds that layer's matrix alone; any other index is applied to :meth:`to_matrix`."""
+        if self.n_layers > 1 and isinstance(indices, int) and not isinstance(indices, bool):
+            if not -self.n_layers <= indices < self.n_layers:
+                raise IndexError(
+                    f"index {indices} is out of range for a weight of n_layers={self.n_layers}"
+                )
+            return self.to_matrix(indices % self.n_layers)
+        return self.to_matrix()[indices]
+
+    def normal_(self, mean: float = 0.0, std: float = 1.0) -> FactorizedWeight:
+        """Re-draw the parameters so that the rebuilt tensor has mean ``mean`` and standard
+        deviation ``std``, like tltorch's ``FactorizedTensor.normal_``; returns the weight.
+
+        With ``mean == 0`` this is :meth:`reset_parameters`: the mean is exactly 0 and every
+        layer's root mean square exactly ``std``. Otherwise a constant tensor ``mean`` is built
+        into the format (CP: one rank-1 term; Tucker: the all-ones direction of every factor;
+        TT: one channel of every bond) and the rest is drawn so that the deviation from
+        ``mean`` has root mean square exactly ``std`` over the whole tensor. A no-op on the
+        ``meta`` device.
+
+        Raises
+        ------
+        TypeError
+            If ``mean`` or ``std`` is not a real number.
+        ValueError
+            If either is not finite, ``std`` is negative, or (``mean != 0``) the ranks leave
+            no room for the constant term (CP rank 1, a TT bond of 1).
+        """
+        mean = _check_real("mean", mean)
+        std = _check_real("std", std)
+        if std < 0:
+            raise FactlinError(f"std={std!r}: expected a standard deviation >= 0")
+        if mean != 0:
+            self._check_mean_room(mean)
+        if self.parameter_tensors()[0].is_meta:
+            return self
+        with torch.no_grad():
+            self.reset_parameters(std)
+            if mean != 0:
+                self._add_mean(mean, std)
+        return self
+
+    def _check_mean_room(self, mean: float) -> None:
+        """Raise if the ranks cannot hold a constant term besides a random one."""
+
+    def _add_mean(self, mean: float, std: float) -> None:
+        """Make the (zero-mean, ``std``) tensor ``mean + `` a zero-mean part of RMS ``std``."""
+        raise NotImplementedError
+
+    def _rescale_deviation(self, mean: float, std: float, scaled: torch.Tensor) -> None:
+        """Scale ``scaled`` (a parameter, or a view of one, linear in the deviation from
+        ``mean`` and absent from the constant term) so that the deviation has RMS ``std``."""
+        tensor = self.to_tensor().double()
+        deviation_sq = float((tensor - mean).pow(2).sum())
+        target_sq = std**2 * tensor.numel()
+        scale = math.sqrt(target_sq / deviation_sq) if deviation_sq > 0 else 0.0
+        scaled.mul_(scale)
+
     def extra_repr(self) -> str:
         return f"in_shape={self.in_shape}, out_shape={self.out_shape}, rank={self.rank}" + (
             f", n_layers={self.n_layers}" if self.n_layers > 1 else ""
@@ -372,3 +481,13 @@ def check_einsum_letters(needed: int, in_shape: Sequence[int], out_shape: Sequen
 def letters(count: int, start: int = 0) -> str:
     """``count`` distinct einsum letters starting at position ``start``."""
     return EINSUM_LETTERS[start : start + count]
+
+
+def _check_real(name: str, value: object) -> float:
+    """``value`` as a finite float, or a TypeError / FactlinError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}={describe(value)}: expected a real number")
+    value = float(value)
+    if not math.isfinite(value):
+        raise FactlinError(f"{name}={value!r}: expected a finite number")
+    return value

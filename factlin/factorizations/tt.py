@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .._typing import RankSpec, Shape
+from ..errors import RankError
 from ..rank import count_tt_params, resolve_tt_ranks
 from ._base import FactorizedWeight, Signature, check_einsum_letters, letters, parameter_list
 
@@ -114,6 +115,37 @@ class TTWeight(FactorizedWeight):
             shapes[0] = shapes[0][1:]
         shapes[-1] = shapes[-1][:-1]
         return shapes
+
+    @property
+    def decomposition(self) -> list[torch.Tensor]:
+        """The cores ``(r_{k-1}, out_k, in_k, r_k)``, as tensorly's TT-matrices (the parameters
+        themselves; with ``n_layers > 1`` the first is the layer core ``(1, n_layers, 1, r_1)``)."""
+        return parameter_list(self.cores)
+
+    def _check_mean_room(self, mean: float) -> None:
+        if any(r < 2 for r in self.rank[1:-1]):
+            raise RankError(
+                f"normal_(mean={mean!r}) on a TT weight with bonds {self.rank}: a non-zero mean "
+                "takes one channel of every bond besides the random ones; use bonds >= 2 or "
+                "mean=0"
+            )
+
+    def _add_mean(self, mean: float, std: float) -> None:
+        # Channel 0 of every bond carries the constant alone (block-diagonal cores); the other
+        # channels keep the zero-mean draw (its last core is centred), rescaled through the
+        # first core.
+        cores = parameter_list(self.cores)
+        last = len(cores) - 1
+        if last == 0:
+            cores[0].add_(mean)
+            return
+        for k, core in enumerate(cores):
+            if k > 0:
+                core[0].zero_()
+            if k < last:
+                core[..., 0].zero_()
+            core[0, :, :, 0] = mean if k == 0 else 1.0
+        self._rescale_deviation(mean, std, cores[0][..., 1:])
 
     @torch.no_grad()
     def reset_parameters(self, std: float) -> None:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .._typing import RankSpec, Shape
+from ..errors import RankError
 from ..rank import count_tucker_params, resolve_tucker_ranks
 from ._base import FactorizedWeight, Signature, check_einsum_letters, letters, parameter_list
 
@@ -77,6 +78,38 @@ class TuckerWeight(FactorizedWeight):
         if layer_selected:
             shapes[1] = shapes[1][1:]
         return shapes
+
+    @property
+    def decomposition(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(core, factors)``, as tensorly's Tucker tensors (the parameters themselves)."""
+        return self.core, parameter_list(self.factors)
+
+    def _check_mean_room(self, mean: float) -> None:
+        if math.prod(self.rank) < 2:
+            raise RankError(
+                f"normal_(mean={mean!r}) on a Tucker weight of rank {self.rank}: a non-zero mean "
+                "takes one core entry of its own besides the random ones; use a rank above 1 on "
+                "some mode, or mean=0"
+            )
+
+    def _add_mean(self, mean: float, std: float) -> None:
+        # Orthonormal factors whose first column is the all-ones direction (the others are
+        # orthogonal to it, so they sum to zero): core[0, ..., 0] alone sets the mean, and
+        # the rest of the core is the deviation, of the same norm.
+        column_means = []
+        for factor in self.factors:
+            sample = torch.randn(factor.shape, dtype=torch.float64, device=factor.device)
+            sample[:, 0] = 1.0
+            q = torch.linalg.qr(sample).Q
+            factor.copy_(q)
+            column_means.append(float(q[:, 0].mean()))
+        core = torch.randn(self.core.shape, dtype=torch.float64, device=self.core.device)
+        first = (0,) * core.dim()
+        core[first] = 0.0
+        norm = float(core.norm())
+        core *= std * math.sqrt(math.prod(self.tensor_shape)) / norm if norm > 0 else 0.0
+        core[first] = mean / math.prod(column_means)
+        self.core.copy_(core)
 
     @torch.no_grad()
     def reset_parameters(self, std: float) -> None:
