@@ -373,12 +373,17 @@ def test_a_linear_registered_under_two_names_is_recorded_once():
     assert collect_input_stats(model, [torch.randn(3, 4)], exclude="2") == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_run_all wraps run_batch's own TypeError for an unsupported batch type as "
-    "CalibrationError 'the model raised TypeError' (reported to the lead)",
-)
 def test_an_unsupported_batch_type_is_a_type_error_not_blamed_on_the_model():
     model = nn.Sequential(nn.Linear(3, 3))
     with pytest.raises(TypeError, match="batch 1"):
         collect_input_stats(model, [torch.randn(2, 3), 3])
+
+
+def test_running_statistics_are_not_updated():
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2))
+    model.train()
+    state = copy.deepcopy(model.state_dict())
+    stats = collect_input_stats(model, [torch.randn(8, 4) + 3, torch.randn(8, 4)])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key  # batch norm ran in eval mode
+    assert stats["2"].count == 16 and model.training and model[1].training
