@@ -169,6 +169,12 @@ def _run_all(
         model.eval()
         with torch.no_grad():
             for index, batch in enumerate(calibration):
+                if not isinstance(batch, (torch.Tensor, Mapping, tuple, list)):
+                    raise TypeError(
+                        f"calibration batch {index} is {describe(batch)}: expected a Tensor "
+                        "(model(batch)), a tuple or list (model(*batch)) or a Mapping "
+                        "(model(**batch))"
+                    )
                 try:
                     run_batch(model, batch)
                     if after_batch is not None:
