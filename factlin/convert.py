@@ -43,13 +43,19 @@ from ._patterns import NameMatcher, Pattern, Patterns, matches, pattern_str
 from ._typing import RankSpec, Shape
 from ._validation import check_bool, check_implementation, check_int
 from .calibration import calibration_batches
-from .distributed import all_reduce_stats, check_process_group, check_seeded, distribute_fits
-from .distributed import estimate_fit_flops
+from .distributed import (
+    all_reduce_stats,
+    check_process_group,
+    check_seeded,
+    distribute_fits,
+    estimate_fit_flops,
+)
 from .errors import FactlinError, RankError, describe
 from .factorizations import normalize_factorization, resolve_rank
 from .input_stats import InputStats, PairedInputStats
 from .layer import FactorizedLinear, SubFactorizedLinear
 from .rank import validate_rank
+from .refine import DEFAULT_REFINE_LR, check_refine_args, refine_converted
 from .report import ConversionReport, LayerRecord, rank_str
 from .tensorized_shape import get_tensorized_shape
 
@@ -452,6 +458,8 @@ def tensorize_model(
     calibration: Optional[Any] = None,
     sequential: bool = False,
     calibration_kwargs: Optional[dict] = None,
+    refine_steps: int = 0,
+    refine_lr: float = DEFAULT_REFINE_LR,
     process_group: Optional[Any] = None,
     structure: Optional[Any] = None,
 ) -> tuple[nn.Module, ConversionReport]:
@@ -533,6 +541,14 @@ def tensorize_model(
         ``inplace=True`` the dense model is copied first (the reference).
     calibration_kwargs : dict, optional
         Options of the calibrated fits (see :meth:`FactorizedLinear.from_linear`).
+    refine_steps : int, default 0
+        With ``calibration``: after every layer is fitted, this many Adam steps on the
+        converted layers together, over the calibration batches in turn, so that each one's
+        output in the compressed model matches the dense layer's output in the dense model
+        (layer-wise distillation through the compressed model; see :mod:`factlin.refine`).
+        Kept only if it lowers that loss over the batches (``report.refinement`` says).
+    refine_lr : float, default 1e-4
+        Adam's step size for ``refine_steps``.
     process_group : torch.distributed.ProcessGroup, optional
         Share the decompositions between the ranks of this group (see
         :mod:`factlin.distributed`): call on every rank with the same model and arguments;
@@ -596,6 +612,7 @@ def tensorize_model(
     auto = isinstance(factorization, str) and factorization.strip().lower() == "auto"
     factorization = "auto" if auto else normalize_factorization(factorization)
     sequential = check_bool("sequential", sequential)
+    refine_steps, refine_lr = check_refine_args(refine_steps, refine_lr)
     fit_options = check_calibration_kwargs(calibration_kwargs)
     given_stats = _given_stats(calibration)
     if calibration is not None and given_stats is None:
@@ -607,6 +624,11 @@ def tensorize_model(
         )
     if sequential and calibration is None:
         raise FactlinError("sequential=True fits layers on calibration inputs: pass calibration=")
+    if refine_steps and (calibration is None or given_stats is not None):
+        raise FactlinError(
+            f"refine_steps={refine_steps} trains on calibration batches: pass them as "
+            "calibration= (not precomputed statistics)"
+        )
     if sequential and given_stats is not None:
         raise TypeError(
             "sequential=True needs calibration batches to run through the partly compressed "
@@ -666,7 +688,7 @@ def tensorize_model(
 
     # ---- plan ----------------------------------------------------------------------------
     start = time.perf_counter()
-    dense = dense_reference(model, inplace) if sequential else None
+    dense = dense_reference(model, inplace) if sequential or refine_steps else None
     root = model if inplace else copy.deepcopy(model)
     model_before = _module_params(root)
     owners = _parameter_owners(root)
@@ -724,6 +746,7 @@ def tensorize_model(
                 _set_submodule(root, name, new)
 
     index = 0
+    refinement: Optional[dict] = None
 
     def logged(plan: _Plan) -> None:
         nonlocal index
@@ -754,6 +777,13 @@ def tensorize_model(
             for plan in active:  # swapped only once every fit succeeded
                 if id(plan) in new_modules:
                     swap(plan, new_modules[id(plan)])
+        if refine_steps:
+            assert dense is not None
+            converted = [p.record.name for p in active if p.record.skipped is None]
+            batches = calibration if isinstance(calibration, Sequence) else list(calibration)
+            refinement = refine_converted(
+                dense, root, converted, batches, refine_steps, lr=refine_lr
+            )
         fitted_ids = {id(p) for p in active}
         for plan in plans:
             if id(plan) not in fitted_ids:
@@ -772,6 +802,7 @@ def tensorize_model(
         seconds=time.perf_counter() - start,
         model_params_before=model_before,
         model_params_after=_module_params(root),
+        refinement=refinement,
     )
     return root, report
 

@@ -98,12 +98,16 @@ class ConversionReport:
         Wall time of the whole conversion.
     model_params_before, model_params_after : int
         Parameters of the whole model (linear or not) before and after.
+    refinement : dict or None
+        With ``refine_steps``: ``loss_before``, ``loss_after``, ``steps``, ``seconds``,
+        ``kept`` (see :func:`factlin.refine.refine_converted`).
     """
 
     layers: list[LayerRecord] = field(default_factory=list)
     seconds: float = 0.0
     model_params_before: int = 0
     model_params_after: int = 0
+    refinement: Optional[dict] = None
 
     @property
     def converted(self) -> list[LayerRecord]:
@@ -146,6 +150,7 @@ class ConversionReport:
             "seconds": self.seconds,
             "n_converted": len(self.converted),
             "n_skipped": len(self.skipped),
+            "refinement": self.refinement,
         }
 
     def __str__(self) -> str:
@@ -190,6 +195,13 @@ class ConversionReport:
             f"({self.compression:.2f}x); whole model {self.model_params_before:,} -> "
             f"{self.model_params_after:,}; {self.seconds:.2f} s"
         )
+        if self.refinement is not None:
+            r = self.refinement
+            lines.append(
+                f"refinement: {r['steps']} steps, distillation loss {r['loss_before']:.4g} -> "
+                f"{r['loss_after']:.4g}{'' if r['kept'] else ' (no gain: undone)'}, "
+                f"{r['seconds']:.2f} s"
+            )
         return "\n".join(lines)
 
 
