@@ -49,6 +49,11 @@ MIXED_GRAM_BLOCK_ELEMENTS = 1 << 20
 #: entries to underflow; outside it the float64 route is used.
 MIXED_SAFE_RANGE = (1e-12, 1e12)
 
+#: With ``mixed``, a truncation that discards less than this fraction of the Gram's trace (a
+#: relative error under 1e-3, where float32 Gram rounding would show) recomputes the Gram
+#: with float64 blocks, so that near-exact fits keep float64-Gram accuracy.
+MIXED_MIN_TAIL = 1e-6
+
 _UPCAST = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 _KEPT = (torch.float32, torch.float64)
 
@@ -288,6 +293,27 @@ def _gram_mixed(matrix: torch.Tensor, *, rows: bool) -> torch.Tensor:
     return gram
 
 
+def _needs_float64(values: torch.Tensor, rank: int) -> bool:
+    """Whether a mixed-precision Gram with eigenvalues ``values`` truncated to ``rank`` must be
+    recomputed in float64 (see :data:`MIXED_MIN_TAIL`)."""
+    if rank >= values.numel():
+        return False  # nothing discarded: any orthonormal basis of the full space will do
+    total = float(values.sum())
+    return total > 0.0 and float(values[rank:].sum()) < MIXED_MIN_TAIL * total
+
+
+def _eigh_of_gram(
+    matrix: torch.Tensor, rows: bool, rank: int, mixed: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Descending eigenpairs of the Gram of ``matrix`` (rows or columns), mixed precision when
+    allowed and accurate enough for a truncation to ``rank``, float64 blocks otherwise."""
+    if mixed and matrix.dtype == torch.float32:
+        values, vectors = _descending_eigh(_gram_mixed(matrix, rows=rows))
+        if not _needs_float64(values, rank):
+            return values, vectors
+    return _descending_eigh(_gram(matrix, rows=rows))
+
+
 def mixed_precision_ok(tensor: torch.Tensor, tensor_sq_norm: float) -> bool:
     """Whether Gram matrices of ``tensor`` may be formed from float32 block products.
 
@@ -366,7 +392,9 @@ def left_singular_vectors(
         Randomness for the randomized path (seed 0 if None).
     mixed : bool, default False
         Form the Gram matrix from float32 block products summed in float64 (a float32
-        ``matrix`` only; see :func:`mixed_precision_ok`) instead of float64 blocks.
+        ``matrix`` only; see :func:`mixed_precision_ok`) instead of float64 blocks; it is
+        recomputed from float64 blocks when the truncation discards less than
+        :data:`MIXED_MIN_TAIL` of its trace.
 
     Returns
     -------
@@ -385,13 +413,12 @@ def left_singular_vectors(
     small = min(m, n)
     if tail_energy is None and small > RANDOMIZED_MIN_SIDE and 8 * rank <= small:
         return _randomized_left(matrix, rank, generator or make_generator(None))
-    gram = _gram_mixed if mixed and matrix.dtype == torch.float32 else _gram
     if m <= n or rank > n:
-        values, vectors = _descending_eigh(gram(matrix, rows=True))  # (m,), (m, m)
+        values, vectors = _eigh_of_gram(matrix, True, rank, mixed)  # (m,), (m, m)
         if tail_energy is not None:
             rank = max(1, select_rank(values, rank, tail_energy))
         return vectors[:, :rank].to(matrix.dtype), values
-    values, vectors = _descending_eigh(gram(matrix, rows=False))  # (n,), (n, n)
+    values, vectors = _eigh_of_gram(matrix, False, rank, mixed)  # (n,), (n, n)
     if tail_energy is not None:
         rank = max(1, select_rank(values, rank, tail_energy))
     projected = matrix @ vectors[:, :rank].to(matrix.dtype)  # (m, rank)
@@ -425,8 +452,7 @@ def right_singular_vectors(
         singular values in decreasing order, as float64. ``M V V^T`` is the orthogonal
         projection of ``M`` on those directions; ``M V`` holds its left factor.
     """
-    gram = _gram_mixed if mixed and matrix.dtype == torch.float32 else _gram
-    values, vectors = _descending_eigh(gram(matrix, rows=False))  # (n,), (n, n)
+    values, vectors = _eigh_of_gram(matrix, False, rank, mixed)  # (n,), (n, n)
     if tail_energy is not None:
         rank = max(1, select_rank(values, rank, tail_energy))
     return vectors[:, :rank].to(matrix.dtype), values
@@ -506,7 +532,9 @@ def mode_left_singular_vectors(
             unfold(tensor, mode), rank, generator=generator, mixed=mixed
         )
         return vectors
-    _, vectors = _descending_eigh(mode_gram(tensor, mode, mixed=mixed))  # (n, n)
+    values, vectors = _descending_eigh(mode_gram(tensor, mode, mixed=mixed))  # (n,), (n, n)
+    if mixed and tensor.dtype == torch.float32 and _needs_float64(values, rank):
+        values, vectors = _descending_eigh(mode_gram(tensor, mode, mixed=False))
     return vectors[:, :rank].to(tensor.dtype)
 
 

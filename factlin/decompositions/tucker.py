@@ -21,6 +21,7 @@ import torch
 
 from ..errors import RankError
 from ._linalg import (
+    GRAM_BLOCK_ELEMENTS,
     RandomState,
     check_callback,
     check_choice,
@@ -123,16 +124,51 @@ def _project(
 def estimate_tucker_memory(shape: Sequence[int], ranks: Sequence[int], itemsize: int) -> int:
     """Peak working memory of :func:`tucker`, in bytes, from the shape and ranks alone.
 
-    Counts the working copy of the tensor, an unfolding copy, two partial projections, the
-    final reconstruction (each at most the tensor's size), the core and factors, and the float64
-    Gram matrix of the largest unfolding.
+    Counts a working copy of the tensor (made when it is not contiguous or is upcast), the
+    partial projections alive together during a HOOI sweep on its dimension tree (each level's
+    projection plus the two buffers of the mode product being formed, simulated from the
+    ranks), the previous core, or, when the error is recomputed from the rebuilt tensor, the
+    reconstruction and the difference; plus the factors, the float64 Gram matrix of the largest
+    mode and the blocks it is accumulated from.
     """
     shape = tuple(int(n) for n in shape)
     ranks = tuple(int(r) for r in ranks)
     numel = math.prod(shape)
-    elements = 5 * numel + math.prod(ranks) + sum(n * r for n, r in zip(shape, ranks))
-    gram = max(min(n, numel // n) ** 2 for n in shape)
+    core = math.prod(ranks)
+    sweep = core + _sweep_peak(list(shape), list(range(len(shape))), shape, ranks)
+    error = 2 * numel + core
+    elements = numel + max(sweep, error) + sum(n * r for n, r in zip(shape, ranks))
+    gram = max(shape) ** 2 + 2 * min(numel, GRAM_BLOCK_ELEMENTS)
     return elements * int(itemsize) + 8 * gram
+
+
+def _chain_peak(
+    sizes: list[int], modes: Sequence[int], shape: Sequence[int], ranks: Sequence[int]
+) -> tuple[int, list[int]]:
+    """Elements alive while :func:`_project` runs on a tensor of ``sizes`` (not counting it),
+    and the sizes it returns."""
+    sizes, previous, peak = list(sizes), 0, 0
+    for mode in sorted(modes, key=lambda k: ranks[k] / shape[k]):
+        sizes[mode] = ranks[mode]
+        out = math.prod(sizes)
+        peak, previous = max(peak, previous + out), out
+    return peak, sizes
+
+
+def _sweep_peak(
+    sizes: list[int], modes: list[int], shape: Sequence[int], ranks: Sequence[int]
+) -> int:
+    """Elements alive during :func:`_hooi_sweep` on a tensor of ``sizes`` (not counting it)."""
+    if len(modes) == 1:
+        mode = modes[0]
+        return math.prod(sizes) // sizes[mode] * ranks[mode]  # the core part it returns
+    half = len(modes) // 2
+    peak = 0
+    for group, other in ((modes[:half], modes[half:]), (modes[half:], modes[:half])):
+        chain, projected = _chain_peak(sizes, other, shape, ranks)
+        below = math.prod(projected) + _sweep_peak(projected, group, shape, ranks)
+        peak = max(peak, chain, below)
+    return peak
 
 
 def _check_tucker_ranks(ranks: object, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -199,9 +235,10 @@ def tucker(
         One rank per mode, ``1 <= ranks[k] <= tensor.shape[k]``.
     n_iter_max : int, default 10
         Maximum number of HOOI sweeps; 0 returns the (truncated) HOSVD.
-    tol : float, default 1e-8
+    tol : float, default 1e-4
         Stop when the relative change of the relative error between two sweeps is at most
-        ``tol``, or when the fit is exact to rounding.
+        ``tol`` (the fit has stopped improving; tensorly's default), or when the fit is exact
+        to rounding. Pass e.g. ``1e-8`` to run HOOI to convergence.
     init : {'svd', 'random'}, default 'svd'
         ``'svd'``: HOSVD factors; ``'random'``: orthonormalized Gaussian factors.
     random_state : int, torch.Generator or None
@@ -230,9 +267,21 @@ def tucker(
 
     Notes
     -----
-    Unfoldings are reduced through the float64 Gram matrix of their smaller side; for an
-    unfolding whose both sides exceed 1024 and a rank below an eighth of them a randomized SVD
-    (Halko et al. 2011) is used.
+    Each factor comes from the eigendecomposition of the float64 Gram matrix of its mode,
+    accumulated block by block from the tensor without unfolding copies; for a float32 tensor
+    (in a safe range) each block's product is computed in float32 (the result's error is that
+    of the float64 route to within 1e-6, measured 1e-8 on flat and decaying spectra), and a
+    mode whose truncation discards almost nothing (below ``1e-6`` of its energy) is
+    recomputed with float64 blocks. For a mode whose unfolding has both sides above 1024 and a
+    rank below an eighth of them a randomized SVD (Halko et al. 2011) is used.
+
+    A HOOI sweep updates the modes in order, each from the tensor projected on all the
+    others, sharing the partial projections on a binary dimension tree (Kaya and Uçar 2016):
+    the same updates as one projection chain per mode for 0.56x the FLOPs on a 6-mode
+    4096x11008 weight. With
+    orthonormal factors the error is ``sqrt(||X||^2 - ||core||^2) / ||X||``; it is
+    recomputed from the rebuilt tensor for float64 inputs and when it is below
+    ``30 sqrt(eps)``.
 
     References
     ----------
@@ -243,6 +292,8 @@ def tucker(
        2000.
     .. [3] N. Halko, P.-G. Martinsson and J. A. Tropp, "Finding Structure with Randomness",
        SIAM Review 53(2), 2011.
+    .. [4] O. Kaya and B. Uçar, "High Performance Parallel Algorithms for the Tucker
+       Decomposition of Sparse Tensors", ICPP 2016 (dimension trees).
 
     Examples
     --------
