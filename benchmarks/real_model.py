@@ -383,13 +383,13 @@ def run_factlin(
     dense: nn.Module,
     factorization: str,
     kwargs: dict[str, Any],
-) -> tuple[nn.Module, Any, float]:
+) -> tuple[nn.Module, Any, float, float]:
     import factlin
 
     fact_kwargs = (
         {"factorization": "auto"} if factorization == "auto" else FACTORIZATIONS[factorization]
     )
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     model, report = factlin.tensorize_model(
         dense,
         include="encoder.*",
@@ -398,7 +398,7 @@ def run_factlin(
         **fact_kwargs,
         **kwargs,
     )
-    return model.eval(), report, time.perf_counter() - started
+    return model.eval(), report, time.perf_counter() - started, time.process_time() - cpu
 
 
 def report_summary(report: Any) -> dict[str, Any]:
@@ -436,9 +436,16 @@ def main() -> int:
         "--only", default=None, help="rows whose 'method fact fraction' has one of TEXT,TEXT"
     )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=None, help=f"default {DEFAULT_OUT}")
     parser.add_argument("--plot", type=Path, default=None, help="cosine vs fraction, PNG")
-    parser.add_argument("--report", type=Path, default=None, help="reprint a JSON's table")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="reprint the table of these JSONs, rows merged (later files win); with --out, "
+        "write the merged JSON",
+    )
     parser.add_argument("--refine-steps", type=int, default=100)
     parser.add_argument("--no-timing", action="store_true", help="skip the forward timing")
     parser.add_argument(
@@ -447,7 +454,14 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.report is not None:
-        results = json.loads(args.report.read_text())
+        results = {"rows": {}}
+        for path in args.report:
+            loaded = json.loads(path.read_text())
+            rows = {**results["rows"], **loaded["rows"]}
+            results.update(loaded)
+            results["rows"] = rows
+        if args.out is not None:
+            args.out.write_text(json.dumps(results, indent=1))
         print_table(results)
         if args.plot is not None:
             plot(results, args.plot)
@@ -460,6 +474,7 @@ def main() -> int:
         return 0
 
     torch.set_num_threads(args.threads)
+    args.out = DEFAULT_OUT if args.out is None else args.out
     torch.manual_seed(0)
     features = factlin_features()
     paragraphs, sentences, pairs = load_texts()
@@ -500,7 +515,7 @@ def main() -> int:
         flush=True,
     )
 
-    moments, moments_s = None, 0.0
+    moments, moments_s, moments_cpu = None, 0.0, 0.0
     for method, factorization, fraction in plan_rows(args.quick):
         key = row_key(method, factorization, fraction)
         if args.only is not None and not any(t in key for t in args.only.split(",")):
@@ -514,17 +529,18 @@ def main() -> int:
         try:
             if method in BASELINES:
                 if method == "whitened svd" and moments is None:
-                    started = time.perf_counter()
+                    started, cpu = time.perf_counter(), time.process_time()
                     moments = input_moments(dense, names, batches)
                     moments_s = time.perf_counter() - started
-                started = time.perf_counter()
+                    moments_cpu = time.process_time() - cpu
+                started, cpu = time.perf_counter(), time.process_time()
                 model = svd_baseline(
                     dense, names, fraction, moments if method == "whitened svd" else None
                 )
                 # the whitened rows include the statistics (collected once, shared)
-                row["seconds"] = time.perf_counter() - started + (
-                    moments_s if method == "whitened svd" else 0.0
-                )
+                whitened = method == "whitened svd"
+                row["seconds"] = time.perf_counter() - started + (moments_s if whitened else 0)
+                row["cpu_seconds"] = time.process_time() - cpu + (moments_cpu if whitened else 0)
                 row["kwargs"] = {"rank": "svd_rank(out, in, fraction)"}
             else:
                 kwargs = method_kwargs(method, fraction, features, batches, args.refine_steps)
@@ -534,8 +550,8 @@ def main() -> int:
                     print(f"{key}: n/a", flush=True)
                     continue
                 row["kwargs"] = describe_kwargs(kwargs)
-                model, report, seconds = run_factlin(dense, factorization, kwargs)
-                row["seconds"] = seconds
+                model, report, seconds, cpu_s = run_factlin(dense, factorization, kwargs)
+                row["seconds"], row["cpu_seconds"] = seconds, cpu_s
                 row["report"] = report_summary(report)
             row.update(evaluation.evaluate(model, timing=not args.no_timing))
             del model
@@ -559,7 +575,7 @@ def main() -> int:
 HEADER = (
     "| method | fact. | frac | params | cos mean | cos min | top1 agree | top1 acc | "
     + " | ".join(f"err {k}" for k in KINDS)
-    + " | conv s | fwd ÷dense |"
+    + " | conv s | conv cpu s | fwd ÷dense |"
 )
 
 
@@ -567,15 +583,16 @@ def format_row(row: dict[str, Any]) -> str:
     lead = f"| {row['method']} | {row['factorization']} | {row['fraction']:g} |"
     if "na" in row or "error" in row:
         note = "n/a" if "na" in row else f"error: {row['error'][:80]}"
-        return lead + f" {note} |" + " |" * 11
+        return lead + f" {note} |" + " |" * 12
     errors = " | ".join(f"{row['layer_error'][k]:.3f}" for k in KINDS)
     forward = row.get("forward")
     fwd = f"{forward['ratio']:.2f}" if forward else "–"
+    cpu = f"{row['cpu_seconds']:.1f}" if "cpu_seconds" in row else "–"
     return (
         lead
         + f" {row['params']:.3f} | {row['cos_mean']:.3f} | {row['cos_min']:.3f} | "
         f"{row['top1_agree']:.2f} | {row['top1_acc']:.2f} | {errors} | "
-        f"{row['seconds']:.1f} | {fwd} |"
+        f"{row['seconds']:.1f} | {cpu} | {fwd} |"
     )
 
 
