@@ -58,7 +58,8 @@ def model_dir() -> Path:
 
 def is_available() -> bool:
     """Whether the checkpoint package, ``safetensors`` and ``tokenizers`` are all importable."""
-    return all(importlib.util.find_spec(n) is not None for n in (PACKAGE, "safetensors", "tokenizers"))
+    names = (PACKAGE, "safetensors", "tokenizers")
+    return all(importlib.util.find_spec(n) is not None for n in names)
 
 
 class Embeddings(nn.Module):
