@@ -141,9 +141,7 @@ def method_kwargs(
 
 
 def describe_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: (f"<{len(v)} batches>" if k == "calibration" else v) for k, v in kwargs.items()
-    }
+    return {k: (f"<{len(v)} batches>" if k == "calibration" else v) for k, v in kwargs.items()}
 
 
 # ---- evaluation ----------------------------------------------------------------------------
@@ -179,9 +177,7 @@ class Evaluation:
         return (q @ p.T).argmax(dim=1)
 
     def _linear_params(self, model: nn.Module) -> int:
-        return sum(
-            p.numel() for n in self.names for p in model.get_submodule(n).parameters()
-        )
+        return sum(p.numel() for n in self.names for p in model.get_submodule(n).parameters())
 
     @torch.no_grad()
     def layer_errors(self, model: nn.Module) -> dict[str, float]:
@@ -201,9 +197,7 @@ class Evaluation:
 
             return fn
 
-        handles = [
-            self.dense.get_submodule(n).register_forward_hook(hook(n)) for n in self.names
-        ]
+        handles = [self.dense.get_submodule(n).register_forward_hook(hook(n)) for n in self.names]
         try:
             for batch in self.sentence_batches:
                 mask["m"] = batch["attention_mask"].bool()
@@ -413,11 +407,7 @@ def report_summary(report: Any) -> dict[str, Any]:
         if records and all(getattr(r, field, None) is not None for r in records):
             out[field] = {
                 kind: _mean(
-                    [
-                        float(getattr(r, field))
-                        for r in records
-                        if _bert.linear_kind(r.name) == kind
-                    ]
+                    [float(getattr(r, field)) for r in records if _bert.linear_kind(r.name) == kind]
                 )
                 for kind in KINDS
             }
@@ -589,8 +579,7 @@ def format_row(row: dict[str, Any]) -> str:
     fwd = f"{forward['ratio']:.2f}" if forward else "–"
     cpu = f"{row['cpu_seconds']:.1f}" if "cpu_seconds" in row else "–"
     return (
-        lead
-        + f" {row['params']:.3f} | {row['cos_mean']:.3f} | {row['cos_min']:.3f} | "
+        lead + f" {row['params']:.3f} | {row['cos_mean']:.3f} | {row['cos_min']:.3f} | "
         f"{row['top1_agree']:.2f} | {row['top1_acc']:.2f} | {errors} | "
         f"{row['seconds']:.1f} | {cpu} | {fwd} |"
     )
