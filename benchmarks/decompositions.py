@@ -127,12 +127,12 @@ def minilm_weights() -> dict:
     return {k: state[k] for k in keys if state[k].ndim == 2}
 
 
-def run_minilm(ranks: list[float], ref_layers: set[int]) -> None:
+def run_minilm(ranks: list[float], ref_layers: set[int], only: str = "") -> None:
     """CP defaults against 100 plain sweeps on the MiniLM weights (see the module docstring)."""
     from factlin import get_tensorized_shape
     from factlin.rank import count_cp_params, resolve_cp_rank
 
-    weights = minilm_weights()
+    weights = {k: w for k, w in minilm_weights().items() if only in k}
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), load average "
         f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}; float32\n"
@@ -207,13 +207,14 @@ def main() -> None:
     parser.add_argument("--minilm", action="store_true", help="CP on the MiniLM weights")
     parser.add_argument("--ranks", default="0.1,0.25,0.5", help="with --minilm")
     parser.add_argument("--layers", default="0,5", help="with --minilm: layers with reference")
+    parser.add_argument("--only", default="", help="with --minilm: weights whose key has TEXT")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.minilm:
         ranks = [float(r) for r in args.ranks.split(",")]
         layers = {int(v) for v in args.layers.split(",") if v.strip()}
-        run_minilm(ranks, layers)
+        run_minilm(ranks, layers, args.only)
         return
     budget_s = args.budget
     tl_budget_s = args.tensorly_budget or (30.0 if args.quick else 200.0)
