@@ -6,13 +6,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: test demo bench lint clean
+.PHONY: test test-hf demo bench lint clean
 
-# The tests include a quick run of the demo, so they need the demo extra too.
+# The tests include a quick run of the demo, so they need the demo extra too; the ONNX export
+# and save_pretrained tests need the onnx and safetensors extras (~25 s of CPU to install).
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install "$(TORCH)"
-	$(PIP) install -e ".[test,demo]"
+	$(PIP) install -e ".[test,demo,onnx,safetensors]"
 	touch $@
 
 $(VENV)/.demo: $(VENV)/.base
@@ -24,6 +25,15 @@ $(VENV)/.lint: $(VENV)/.base
 
 test: $(VENV)/.base
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The tests on real Hugging Face models (tests/test_hf.py; they skip without transformers, whose
+# install, ~35 s of CPU, would take `make test` past 5 minutes on a fresh machine).
+$(VENV)/.hf: $(VENV)/.base
+	$(PIP) install -e ".[hf]"
+	touch $@
+
+test-hf: $(VENV)/.hf
+	$(PY) -m pytest -q tests/test_hf.py $(PYTEST_ARGS)
 
 demo: $(VENV)/.demo
 	$(PY) -m factlin demo $(DEMO_ARGS)

@@ -61,8 +61,9 @@ class _Allocations(TorchDispatchMode):
 def test_round_trip_into_random_and_meta_skeletons(tmp_path, factorization):
     small = _compressed(factorization)
     path = save_pretrained(small, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["factlin_config.json", "model.safetensors"]
-    assert path == os.path.join(tmp_path, "model.safetensors")
+    weights = "model.safetensors" if pretrained_module._safetensors() else "model.pt"
+    assert sorted(os.listdir(tmp_path)) == ["factlin_config.json", weights]
+    assert path == os.path.join(tmp_path, weights)
     x = torch.randn(5, 64)
     expected = small(x)
 
@@ -193,8 +194,9 @@ def test_errors_name_the_problem(tmp_path):
         from_pretrained(_mlp(), tmp_path)
     config["format_version"] = 1
     (tmp_path / "factlin_config.json").write_text(json.dumps(config))
-    os.remove(tmp_path / "model.safetensors")
-    with pytest.raises(FileNotFoundError, match="model.safetensors does not exist"):
+    weights = config["weights_file"]
+    os.remove(tmp_path / weights)
+    with pytest.raises(FileNotFoundError, match=f"{weights} does not exist"):
         from_pretrained(_mlp(), tmp_path)
     with pytest.raises(TypeError, match="expected a torch.nn.Module"):
         from_pretrained("model", tmp_path)
@@ -248,13 +250,13 @@ def test_inspect_command(tmp_path, capsys):
     total = sum(r["params"] for r in config["layers"])
     dense = sum(r["dense_params"] for r in config["layers"])
     assert f"{dense / total:.2f}x" in text
-    assert "model.safetensors" in text
+    assert config["weights_file"] in text
 
     out = io.StringIO()
     assert main(["inspect", str(tmp_path), "--json"], out=out) == 0
     summary = json.loads(out.getvalue())
     assert summary["layers_params"] == total and summary["layers_dense_params"] == dense
-    assert summary["file_bytes"] == os.path.getsize(tmp_path / "model.safetensors")
+    assert summary["file_bytes"] == os.path.getsize(tmp_path / config["weights_file"])
     assert math.isclose(summary["compression"], dense / total)
 
     assert main(["inspect", str(tmp_path / "missing")]) == 2
