@@ -242,8 +242,9 @@ def distribute_fits(
         if owner == me:
             payload[0] = {
                 "error": None if error is None else f"{type(error).__name__}: {error}",
-                "layers": [(i, _record_fields(items[i].record), _skeleton(results[i]))
-                           for i in mine],  # fmt: skip
+                "layers": [
+                    (i, _record_fields(items[i].record), _skeleton(results[i])) for i in mine
+                ],  # fmt: skip
             }
         dist.broadcast_object_list(payload, src=dist.get_global_rank(group, owner), group=group)
         sent = payload[0]

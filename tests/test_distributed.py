@@ -28,6 +28,8 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -85,8 +87,9 @@ def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(got, want, **TOLERANCE, msg=lambda m: f"{what}: {m}")
 
 
-def _train_like_reference(kind: str, factorization: str, implementation: str, rank: int,
-                          world: int) -> None:  # fmt: skip
+def _train_like_reference(
+    kind: str, factorization: str, implementation: str, rank: int, world: int, tmp: Path
+) -> None:
     """``kind`` ('ddp' or 'fsdp') training equals one process on the global batch."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
@@ -152,7 +155,8 @@ def _checkpoint_round_trip(factorization: str, rank: int, world: int, tmp: Path)
     x_eval = _eval_input()
     model = sharded(0)
     x, target = _batches(world)[0]
-    nn.functional.mse_loss(model(x[2 * rank : 2 * rank + 2]), target[2 * rank : 2 * rank + 2]).backward()
+    rows = slice(2 * rank, 2 * rank + 2)
+    nn.functional.mse_loss(model(x[rows]), target[rows]).backward()
     torch.optim.SGD(model.parameters(), lr=0.2).step()  # not the initial values any more
     with torch.no_grad():
         want = model(x_eval)
@@ -192,15 +196,16 @@ def _dense_model() -> nn.Module:
     return nn.Sequential(*[nn.Linear(i, o) for i, o in zip(sizes, sizes[1:])])
 
 
-def _conversion_matches_one_process(factorization: str, rank: int, world: int) -> None:
+def _conversion_matches_one_process(factorization: str, rank: int, world: int, tmp: Path) -> None:
     """Every rank's model is bitwise the single-process conversion; each rank fitted a share."""
+    import torch.distributed as dist
+
     import factlin
     from factlin import convert
 
-    import torch.distributed as dist
-
+    iterations = None if factorization == "tt" else {"n_iter_max": 5}
     kwargs = dict(rank=0.3, factorization=factorization, progress=False,
-                  decomposition_kwargs=None if factorization == "tt" else {"n_iter_max": 5})  # fmt: skip
+                  decomposition_kwargs=iterations)  # fmt: skip
     fitted = []
     original = convert.FactorizedLinear.from_linear
 
@@ -235,12 +240,12 @@ def _conversion_matches_one_process(factorization: str, rank: int, world: int) -
         assert torch.equal(got(x), want(x))
 
 
-def _calibrated_conversion(rank: int, world: int) -> None:
+def _calibrated_conversion(rank: int, world: int, tmp: Path) -> None:
     """Each rank's calibration batches: statistics summed over the ranks, as one process with
     all the batches (up to float64 summation order); every rank the same model."""
-    import factlin
-
     import torch.distributed as dist
+
+    import factlin
 
     generator = torch.Generator().manual_seed(4)
     batches = [torch.randn(16, 64, generator=generator) for _ in range(2 * world)]
@@ -262,14 +267,14 @@ def _calibrated_conversion(rank: int, world: int) -> None:
         torch.testing.assert_close(got(x), want(x), rtol=1e-4, atol=1e-5)
 
 
-def _a_failed_fit_raises_on_every_rank(rank: int, world: int) -> None:
+def _a_failed_fit_raises_on_every_rank(rank: int, world: int, tmp: Path) -> None:
     """A fit that raises on its owner raises on every rank, after the exchange (no hang)."""
     from types import SimpleNamespace
 
+    import torch.distributed as dist
+
     from factlin.distributed import distribute_fits
     from factlin.report import LayerRecord
-
-    import torch.distributed as dist
 
     items = [SimpleNamespace(record=LayerRecord(name=f"l{k}", shape=(4, 4), params_before=16,
                                                 params_after=16), module=nn.Linear(4, 4))
@@ -289,25 +294,23 @@ def _a_failed_fit_raises_on_every_rank(rank: int, world: int) -> None:
     dist.barrier()
 
 
-def _checks() -> list[tuple[str, object]]:
-    checks: list[tuple[str, object]] = []
+def _checks() -> list[tuple[str, Callable[[int, int, Path], None]]]:
+    """``(name, check(rank, world, tmp))`` in the order every rank runs them."""
+    checks: list[tuple[str, Callable[[int, int, Path], None]]] = []
     for kind in ("ddp", "fsdp"):  # DDP first: it expects the inference cache to be on
         for factorization in FACTORIZATIONS:
             for implementation in IMPLEMENTATIONS:
-                checks.append((
-                    f"{kind}-{factorization}-{implementation}",
-                    lambda r, w, t, a=(kind, factorization, implementation):
-                        _train_like_reference(*a, r, w),
-                ))  # fmt: skip
+                check = partial(_train_like_reference, kind, factorization, implementation)
+                checks.append((f"{kind}-{factorization}-{implementation}", check))
     for factorization in FACTORIZATIONS:
-        checks.append((f"checkpoint-{factorization}",
-                       lambda r, w, t, f=factorization: _checkpoint_round_trip(f, r, w, t)))  # fmt: skip
+        check = partial(_checkpoint_round_trip, factorization)
+        checks.append((f"checkpoint-{factorization}", check))
     checks.append(("cache-after-fsdp", _cache_after_fsdp))
     for factorization in FACTORIZATIONS:
-        checks.append((f"convert-{factorization}",
-                       lambda r, w, t, f=factorization: _conversion_matches_one_process(f, r, w)))  # fmt: skip
-    checks.append(("convert-calibrated", lambda r, w, t: _calibrated_conversion(r, w)))
-    checks.append(("convert-failure", lambda r, w, t: _a_failed_fit_raises_on_every_rank(r, w)))
+        check = partial(_conversion_matches_one_process, factorization)
+        checks.append((f"convert-{factorization}", check))
+    checks.append(("convert-calibrated", _calibrated_conversion))
+    checks.append(("convert-failure", _a_failed_fit_raises_on_every_rank))
     return checks
 
 
@@ -379,7 +382,9 @@ def results(tmp_path_factory) -> list[dict]:
     processes = [
         subprocess.Popen(
             [sys.executable, __file__, str(rank), str(WORLD), init_method, str(out)],
-            env=env, stdout=logs[rank], stderr=subprocess.STDOUT,
+            env=env,
+            stdout=logs[rank],
+            stderr=subprocess.STDOUT,
         )  # fmt: skip
         for rank in range(WORLD)
     ]
@@ -405,18 +410,14 @@ def results(tmp_path_factory) -> list[dict]:
 
 
 def _loopback() -> str:
-    """The loopback interface's name (gloo binds to it, never to an outside address)."""
-    try:
-        names = [name for _, name in socket_if_nameindex()]
-    except OSError:
-        names = []
-    return "lo" if "lo" in names or not names else next((n for n in names if n.startswith("lo")), "lo")
-
-
-def socket_if_nameindex() -> list:
+    """The loopback interface's name, for gloo to bind to (never an outside address)."""
     import socket
 
-    return socket.if_nameindex()
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return "lo"
+    return next((name for name in names if name.startswith("lo")), "lo")
 
 
 # ---- in this process: the assignment, the cost estimate, the argument checks ----------------
@@ -426,8 +427,9 @@ def test_assign_layers_is_longest_processing_time_first():
     assert assign_layers([5.0, 1.0, 4.0, 3.0], 2) == [0, 0, 1, 1]  # 5 | 4, 3 | 1: loads 6, 7
     assert assign_layers([], 3) == []
     assert assign_layers([1.0, 1.0, 1.0], 1) == [0, 0, 0]
-    owners = assign_layers([7.0, 7.0, 6.0, 5.0, 4.0, 4.0, 3.0], 3)
-    loads = [sum(c for c, o in zip([7, 7, 6, 5, 4, 4, 3], owners) if o == r) for r in range(3)]
+    costs = [7.0, 7.0, 6.0, 5.0, 4.0, 4.0, 3.0]
+    owners = assign_layers(costs, 3)
+    loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(3)]
     assert max(loads) <= 4 / 3 * 12  # LPT's bound; the best split is 12, 12, 12
 
 
