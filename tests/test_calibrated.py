@@ -357,8 +357,11 @@ def test_statistics_and_inputs_give_the_same_fit():
     options = {"rank": 0.3, "factorization": "tt", "n_tensorized_modes": 2}
     from_x = FactorizedLinear.from_linear(linear, calibration=batches, **options)  # (*, in)
     from_stats = FactorizedLinear.from_linear(linear, calibration=stats, **options)
-    for a, b in zip(from_x.parameters(), from_stats.parameters()):
-        assert_close(a, b, rtol=1e-9, atol=1e-12)
+    # the same statistics up to the summation order; the refinement may amplify round-off
+    assert_close(stats.sum_outer,
+                 InputStats.from_inputs(batches).sum_outer, rtol=1e-12, atol=1e-12)  # fmt: skip
+    assert_close(from_x.weight.to_matrix(), from_stats.weight.to_matrix(), rtol=1e-6, atol=1e-8)
+    assert_close(from_x.bias, from_stats.bias, rtol=1e-6, atol=1e-8)
     assert from_x.decomposition_info["output_error"] == pytest.approx(
         from_stats.decomposition_info["output_error"], rel=1e-9
     )
@@ -408,19 +411,23 @@ def test_refine_off_keeps_the_better_start(factorization):
     assert zero.decomposition_info["refine_iter"] == 0
 
 
-def test_float32_linear():
-    (linear,) = _linears(1, 24, 18, True, 47, torch.float32)
-    x = _inputs(100, 24, 53, dtype=torch.float32)
+@pytest.mark.parametrize(
+    ("dtype", "tol"), [(torch.float32, 1e-4), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)]
+)
+def test_low_precision_linear(dtype, tol):
+    (linear,) = _linears(1, 24, 18, True, 47, dtype)
+    x = _inputs(100, 24, 53, dtype=dtype)
     layer = FactorizedLinear.from_linear(
         linear, rank=0.4, factorization="tt", n_tensorized_modes=2, calibration=x,
         calibration_kwargs=FAST,
     )  # fmt: skip
-    assert layer.weight.to_matrix().dtype == torch.float32 and layer.bias.dtype == torch.float32
+    assert layer.weight.to_matrix().dtype == dtype and layer.bias.dtype == dtype
     _check_finite(layer)
     measured, (mean,) = _output_errors(layer, [linear], [x], True)
-    assert measured == pytest.approx(layer.decomposition_info["output_error"], rel=1e-4)
+    assert measured == pytest.approx(layer.decomposition_info["output_error"], rel=tol)
     assert measured < layer.decomposition_info["output_error_data_free"]
-    assert_close(mean, torch.zeros_like(mean), rtol=0, atol=1e-4)
+    scale = float(linear(x).detach().double().abs().mean())
+    assert_close(mean, torch.zeros_like(mean), rtol=0, atol=tol * scale)
 
 
 @pytest.mark.parametrize("bias", [False, True])
