@@ -387,3 +387,23 @@ def test_running_statistics_are_not_updated():
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key  # batch norm ran in eval mode
     assert stats["2"].count == 16 and model.training and model[1].training
+
+
+def test_collect_paired_stats_refuses_models_that_call_a_layer_differently():
+    class Repeat(nn.Module):
+        def __init__(self, times: int) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.times = times
+
+        def forward(self, x):
+            for _ in range(self.times):
+                x = self.lin(x)
+            return x
+
+    dense, compressed = Repeat(1), Repeat(2)
+    compressed.train()
+    with pytest.raises(ValueError, match=r"batch 0.*'lin'.*1 time.*2"):
+        collect_paired_stats(dense, compressed, [torch.randn(2, 3)], ["lin"])
+    assert _hooks_left(dense) == 0 and _hooks_left(compressed) == 0
+    assert compressed.training and _flags(dense) == {"": True, "lin": True}
