@@ -42,6 +42,7 @@ import datetime
 import inspect
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -105,6 +106,30 @@ def factlin_features() -> dict[str, bool]:
         "budget": "budget" in params,
         "refine_steps": "refine_steps" in params,
     }
+
+
+def factlin_source() -> str:
+    """Where factlin was imported from, and which commit (``FACTLIN_COMMIT`` when set, for a
+    snapshot on ``PYTHONPATH``; otherwise the repository's HEAD, '+dirty' with local edits)."""
+    import subprocess
+
+    import factlin
+
+    where = str(Path(factlin.__file__).parent)
+    commit = os.environ.get("FACTLIN_COMMIT")
+    if commit is None:
+        try:
+            git = ["git", "-C", where]
+            commit = subprocess.run(
+                [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+            dirty = subprocess.run(
+                [*git, "status", "--porcelain", "--", "."], capture_output=True, text=True
+            ).stdout.strip()
+            commit += "+dirty" if dirty else ""
+        except (OSError, subprocess.CalledProcessError):
+            commit = "?"
+    return f"{where} @ {commit}"
 
 
 def method_kwargs(
@@ -486,6 +511,7 @@ def main() -> int:
             "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "factlin_features": features,
+            "factlin": factlin_source(),
             "calibration": {"sequences": len(batches), "tokens": tokens},
             "evaluation": {"sentences": len(sentences), "pairs": len(pairs)},
             "dense": {
@@ -500,7 +526,8 @@ def main() -> int:
         f"# all-MiniLM-L6-v2, {len(names)} encoder linears ({evaluation.params_before:,} "
         f"parameters); calibration {len(batches)} sequences / {tokens} tokens; evaluation "
         f"{len(sentences)} sentences, {len(pairs)} query/passage pairs; dense top-1 accuracy "
-        f"{results['dense']['top1_acc']:.2f}\n# {machine_description()}; factlin: "
+        f"{results['dense']['top1_acc']:.2f}\n# {machine_description()}; factlin "
+        f"{results['factlin']}: "
         + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in features.items()),
         flush=True,
     )
