@@ -463,6 +463,28 @@ def test_a_shared_generator_is_refused_with_a_process_group(monkeypatch):
         )  # fmt: skip
 
 
+def test_why_the_inference_cache_is_off_under_fsdp2(monkeypatch):
+    """FSDP2's all-gather rewrites a parameter in place with its version counter preserved, at
+    an address the allocator may hand back unchanged: the cache's stamp cannot see that (the
+    old matrix is served), so the layer does not cache while FSDP2 manages a module."""
+    from factlin import FactorizedLinear
+    from factlin import layer as layer_module
+
+    layer = FactorizedLinear((4, 6), (6, 4), implementation="reconstructed")
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        before = layer(x)
+        factor = layer.weight.parameter_tensors()[0]
+        with torch.autograd._unsafe_preserve_version_counter(factor):  # as FSDP2 copies
+            factor.mul_(2.0)
+        assert torch.equal(layer(x), before)  # stale: what a stamp-only cache does
+        monkeypatch.setattr(layer_module, "fully_sharded", lambda: True)
+        after = layer(x)
+        want = nn.functional.linear(x, layer.weight.to_matrix(), layer.bias)
+    torch.testing.assert_close(after, want)
+    assert not torch.allclose(after, before)
+
+
 # ---- the 2-process job -----------------------------------------------------------------------
 @pytest.mark.parametrize("check", CHECK_NAMES)
 def test_distributed(results, check):
