@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -16,11 +16,12 @@ from .decompositions.calibrated import (
     DEFAULT_REFINE_TOL,
     OutputObjective,
     calibrated_fit,
+    whitened_error,
 )
 from .errors import FactlinError, ShapeError, describe
 from .input_stats import DEFAULT_DAMPING, InputStats, PairedInputStats
 
-__all__ = ["as_input_stats", "calibrated_init", "check_calibration_kwargs"]
+__all__ = ["as_input_stats", "calibrated_error_fn", "calibrated_init", "check_calibration_kwargs"]
 
 _DEFAULTS: dict[str, Any] = {
     "damping": DEFAULT_DAMPING,
@@ -129,3 +130,30 @@ def calibrated_init(
     info["rel_error"] = diff / norm if norm > 0 else 0.0
     info["seconds"] = time.perf_counter() - tic
     return info
+
+
+#: Decomposition settings of the quick fits that compare candidates (shapes, ranks).
+QUICK_KWARGS: dict[str, dict] = {"tucker": {"n_iter_max": 2}, "cp": {"n_iter_max": 10}, "tt": {}}
+
+
+def calibrated_error_fn(
+    weight: torch.Tensor,
+    stats: InputStats | PairedInputStats,
+    centered: bool,
+    factorization: str,
+    damping: float,
+) -> Callable[[tuple, tuple, Any], tuple[float, int]]:
+    """``error_fn(in_shape, out_shape, rank) -> (output error, params)`` for the shape search:
+    the relative output error of the quick whitened fit (no refinement) under ``stats``."""
+    from .factorizations import get_factorization, normalize_factorization
+
+    name = normalize_factorization(factorization)
+    weight_class = get_factorization(name)
+    objective = OutputObjective.for_weights(weight.detach()[None], [stats], centered, damping)
+
+    def error_fn(in_shape: tuple, out_shape: tuple, rank: Any) -> tuple[float, int]:
+        fitted = weight_class(in_shape, out_shape, rank, dtype=weight.dtype, device=weight.device)
+        error = whitened_error(fitted, objective, damping, QUICK_KWARGS.get(name, {}))
+        return error, fitted.num_parameters()
+
+    return error_fn

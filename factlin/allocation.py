@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import torch
 
+from ._calibrated_init import QUICK_KWARGS
 from ._typing import Shape
 from .decompositions.calibrated import OutputObjective, whitened_error
 from .factorizations import get_factorization
@@ -45,9 +46,6 @@ AUTO_CANDIDATES: tuple[tuple[str, int], ...] = (
 #: Parameter fractions (of the dense weight) priced per candidate format.
 FRACTIONS: tuple[float, ...] = (0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9)
 
-#: Decomposition settings of the quick fits (HOOI sweeps cost time and change the estimate
-#: little once whitened).
-_QUICK_KWARGS = {"tucker": {"n_iter_max": 2}, "cp": {"n_iter_max": 10}, "tt": {}}
 
 
 @dataclass(frozen=True)
@@ -112,7 +110,7 @@ def _format_options(
             continue
         seen.add(probe.rank)
         fitted = weight_class(in_shape, out_shape, probe.rank, dtype=weight.dtype)
-        error = whitened_error(fitted, objective, damping, _QUICK_KWARGS.get(factorization, {}))
+        error = whitened_error(fitted, objective, damping, QUICK_KWARGS.get(factorization, {}))
         options.append(Option(factorization, in_shape, out_shape, probe.rank, params, error))
     return options
 

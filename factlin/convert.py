@@ -460,6 +460,7 @@ def tensorize_model(
     calibration_kwargs: Optional[dict] = None,
     refine_steps: int = 0,
     refine_lr: float = DEFAULT_REFINE_LR,
+    search_shapes: bool = True,
     process_group: Optional[Any] = None,
     structure: Optional[Any] = None,
 ) -> tuple[nn.Module, ConversionReport]:
@@ -549,6 +550,11 @@ def tensorize_model(
         Kept only if it lowers that loss over the batches (``report.refinement`` says).
     refine_lr : float, default 1e-4
         Adam's step size for ``refine_steps``.
+    search_shapes : bool, default True
+        Choose each layer's tensorized folding by fit at its budget
+        (:meth:`FactorizedLinear.from_linear`); False keeps the balanced folding of
+        :func:`factlin.get_tensorized_shape`. Not with ``tolerance`` (its ranks belong to the
+        balanced folding) or a calibrated ``budget`` (the allocation chooses).
     process_group : torch.distributed.ProcessGroup, optional
         Share the decompositions between the ranks of this group (see
         :mod:`factlin.distributed`): call on every rank with the same model and arguments;
@@ -612,6 +618,7 @@ def tensorize_model(
     auto = isinstance(factorization, str) and factorization.strip().lower() == "auto"
     factorization = "auto" if auto else normalize_factorization(factorization)
     sequential = check_bool("sequential", sequential)
+    search_shapes = check_bool("search_shapes", search_shapes)
     refine_steps, refine_lr = check_refine_args(refine_steps, refine_lr)
     fit_options = check_calibration_kwargs(calibration_kwargs)
     given_stats = _given_stats(calibration)
@@ -732,7 +739,10 @@ def tensorize_model(
     # ---- fit and swap --------------------------------------------------------------------
     progress_log = _Progress(progress, len(plans), start)
     active = [p for p in plans if p.record.skipped is None]
-    fitter = _Fitter(implementation, kwargs, tolerance, fit_options, calibration is not None)
+    fitter = _Fitter(
+        implementation, kwargs, tolerance, fit_options, calibration is not None,
+        search_shapes=search_shapes, n_modes=n_modes,
+    )  # fmt: skip
     swapped: list[tuple[str, nn.Module]] = []  # (name, old module), to undo on failure
 
     def swap(plan: _Plan, new: nn.Module) -> None:
@@ -834,7 +844,11 @@ class _Fitter:
         tolerance: Optional[float],
         fit_options: dict,
         calibrated: bool,
+        search_shapes: bool = False,
+        n_modes: int = 3,
     ) -> None:
+        self.search_shapes = search_shapes
+        self.n_modes = n_modes
         self.implementation = implementation
         self.kwargs = kwargs
         self.tolerance = tolerance
@@ -862,13 +876,23 @@ class _Fitter:
             stats = None
         if self.calibrated and stats is None:
             record.note = "no calibration input reached it: fitted data-free"
+        # the folding is searched unless the ranks belong to the planned one (tolerance, or a
+        # budget allocation that chose folding and ranks together)
+        search = self.search_shapes and tolerance is None and plan.estimated_error is None
+        shapes = (
+            {"auto_tensorize": True, "n_tensorized_modes": self.n_modes, "search_shapes": True}
+            if search
+            else {
+                "auto_tensorize": False,
+                "in_tensorized_features": plan.in_shape,
+                "out_tensorized_features": plan.out_shape,
+            }
+        )
         try:
             new = FactorizedLinear.from_linear(
                 linear,
                 rank=rank,
-                auto_tensorize=False,
-                in_tensorized_features=plan.in_shape,
-                out_tensorized_features=plan.out_shape,
+                **shapes,
                 factorization=factorization,
                 implementation=self.implementation,
                 decomposition_kwargs=kwargs,
@@ -900,6 +924,8 @@ class _Fitter:
         if not linear.weight.requires_grad:
             new.weight.requires_grad_(False)
         record.factorization = new.factorization
+        record.in_tensorized_features = new.in_tensorized_features
+        record.out_tensorized_features = new.out_tensorized_features
         record.rank = new.rank
         record.params_after = after
         record.rel_error = None if rel_error is None else float(rel_error)

@@ -11,7 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ._calibrated_init import as_input_stats, calibrated_init, check_calibration_kwargs
+from ._calibrated_init import (
+    as_input_stats,
+    calibrated_error_fn,
+    calibrated_init,
+    check_calibration_kwargs,
+)
 from ._linear_like import build_dense, dense_weight, kind_of_layer, remember_kind
 from ._rebuilt_linear import functorch_active
 from ._state_dict_check import check_state_dict, record_config
@@ -31,6 +36,7 @@ from .factorizations import FactorizedWeight, get_factorization, normalize_facto
 from .factorizations._base import batch_bucket, constant_under_compile, exporting_to_onnx
 from .input_stats import InputStats, PairedInputStats
 from .rank import validate_rank
+from .shape_search import choose_tensorized_shape
 from .tensorized_shape import get_tensorized_shape
 from .tltorch_compat import map_tltorch_keys
 from .weight_cache import WeightCache, fully_sharded
@@ -165,6 +171,7 @@ class FactorizedLinear(nn.Module):
         verbose: bool = False,
         calibration: Optional[torch.Tensor | InputStats | PairedInputStats] = None,
         calibration_kwargs: Optional[dict] = None,
+        search_shapes: bool = True,
     ) -> FactorizedLinear:
         """Compress a trained ``nn.Linear`` by decomposing its weight.
 
@@ -175,8 +182,13 @@ class FactorizedLinear(nn.Module):
         rank : 'same', float, int or tuple of int, default 'same'
             As in the constructor.
         auto_tensorize : bool, default True
-            Choose the tensorized shapes with :func:`factlin.get_tensorized_shape`; then
-            ``in_tensorized_features`` and ``out_tensorized_features`` must be None.
+            Choose the tensorized shapes; then ``in_tensorized_features`` and
+            ``out_tensorized_features`` must be None. With ``search_shapes`` (the default),
+            several foldings of the features are fitted at the parameter budget of ``rank``
+            on the balanced folding and the lowest error wins
+            (:func:`factlin.shape_search.choose_tensorized_shape`; the calibrated output error
+            with ``calibration``); otherwise the balanced
+            :func:`factlin.get_tensorized_shape`.
         n_tensorized_modes : int, default 3
             Modes per side when ``auto_tensorize`` (fewer when the sizes do not allow it).
         in_tensorized_features, out_tensorized_features : tuple of int, optional
@@ -202,7 +214,11 @@ class FactorizedLinear(nn.Module):
         calibration_kwargs : dict, optional
             With ``calibration``: ``damping`` (default 0.01, relative to the mean input
             energy), ``refine`` (default True), ``n_iter_max`` (refinement iterations, default
-            50) and ``tol`` (relative improvement to stop at, default 1e-4).
+            100) and ``tol`` (stop once 10 iterations together improve the output error by
+            less than this fraction, default 1e-3).
+        search_shapes : bool, default True
+            With ``auto_tensorize`` and more than one mode per side: choose the folding by fit
+            (above). The candidates and their errors are in ``decomposition_info['shapes']``.
 
         Returns
         -------
@@ -223,7 +239,12 @@ class FactorizedLinear(nn.Module):
         """
         weight = _linear_weight("linear", linear)
         out_features, in_features = weight.shape
+        shape_info: Optional[list[dict]] = None
         auto_tensorize = check_bool("auto_tensorize", auto_tensorize)
+        search_shapes = check_bool("search_shapes", search_shapes)
+        stats = None
+        if calibration is not None:
+            stats = [as_input_stats("calibration", calibration, in_features)]
         if auto_tensorize:
             if in_tensorized_features is not None or out_tensorized_features is not None:
                 raise ShapeError(
@@ -234,6 +255,27 @@ class FactorizedLinear(nn.Module):
                 )
             order = check_int("n_tensorized_modes", n_tensorized_modes, 1)
             in_shape, out_shape = get_tensorized_shape(in_features, out_features, order=order)
+            if search_shapes and order > 1 and len(in_shape) > 1:
+                _check_finite_weight(weight)
+                validate_rank(rank)
+                check_decomposition_kwargs(factorization, decomposition_kwargs)
+                fit_options = check_calibration_kwargs(calibration_kwargs)
+                error_fn = None
+                if stats is not None:
+                    centered = (
+                        check_bool("bias", bias) and getattr(linear, "bias", None) is not None
+                    )
+                    error_fn = calibrated_error_fn(
+                        weight, stats[0], centered, factorization, fit_options["damping"]
+                    )
+                seed = {
+                    k: v for k, v in (decomposition_kwargs or {}).items() if k == "random_state"
+                }
+                in_shape, out_shape, shape_info = choose_tensorized_shape(
+                    weight, factorization, rank, order, error_fn=error_fn,
+                    decomposition_kwargs=seed,
+                )  # fmt: skip
+                rank = next(entry["rank"] for entry in shape_info if entry["chosen"])
         else:
             if in_tensorized_features is None or out_tensorized_features is None:
                 raise ShapeError(
@@ -248,9 +290,6 @@ class FactorizedLinear(nn.Module):
             )
         linear_bias = getattr(linear, "bias", None)
         use_bias = check_bool("bias", bias) and linear_bias is not None
-        stats = None
-        if calibration is not None:
-            stats = [as_input_stats("calibration", calibration, in_features)]
         layer = cls._from_weights(
             weight.reshape(*out_shape, *in_shape),
             linear_bias if use_bias else None,
@@ -267,6 +306,8 @@ class FactorizedLinear(nn.Module):
             calibration_kwargs=calibration_kwargs,
         )
         remember_kind(layer, linear)  # to_linear() gives a Conv1D back for a Conv1D
+        if shape_info is not None and layer.decomposition_info is not None:
+            layer.decomposition_info["shapes"] = shape_info
         return layer
 
     @classmethod
@@ -382,25 +423,14 @@ class FactorizedLinear(nn.Module):
                 f"decomposition_kwargs={describe(decomposition_kwargs)}: expected a dict or None"
             )
         check_bool("verbose", verbose)
-        options = get_factorization(factorization).decomposition_options
-        unknown = sorted(set(decomposition_kwargs) - options)
-        if unknown:
-            raise TypeError(
-                f"decomposition_kwargs has {', '.join(map(repr, unknown))}, which the "
-                f"{normalize_factorization(factorization)!r} decomposition does not take; it "
-                f"accepts {', '.join(sorted(options))}"
-            )
+        options = check_decomposition_kwargs(factorization, decomposition_kwargs)
         fit_options = check_calibration_kwargs(calibration_kwargs)
         if calibration is not None and "rel_tol" in decomposition_kwargs:
             raise TypeError(
                 "decomposition_kwargs['rel_tol'] chooses TT ranks by the weight error, which a "
                 "calibrated fit does not minimize: pass a rank (or a budget) with calibration"
             )
-        if not torch.isfinite(tensor).all():
-            raise InputError(
-                "the weight to decompose contains NaN or inf values; a factorization of it "
-                "would be meaningless: clean the layer first"
-            )
+        _check_finite_weight(tensor)
         token = _SKIP_RANDOM_INIT.set(True)  # the decomposition sets every parameter
         try:
             layer = cls(
@@ -713,3 +743,26 @@ def _matching_shape(name: str, value: object, features: int) -> Shape:
             "features on that side: the product must match"
         )
     return shape
+
+
+def check_decomposition_kwargs(factorization: str, kwargs: Optional[dict]) -> frozenset:
+    """The options the factorization's decomposition takes; raises on any other key."""
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise TypeError(f"decomposition_kwargs={describe(kwargs)}: expected a dict or None")
+    options = get_factorization(factorization).decomposition_options
+    unknown = sorted(set(kwargs or {}) - options)
+    if unknown:
+        raise TypeError(
+            f"decomposition_kwargs has {', '.join(map(repr, unknown))}, which the "
+            f"{normalize_factorization(factorization)!r} decomposition does not take; it "
+            f"accepts {', '.join(sorted(options))}"
+        )
+    return options
+
+
+def _check_finite_weight(weight: torch.Tensor) -> None:
+    if not torch.isfinite(weight).all():
+        raise InputError(
+            "the weight to decompose contains NaN or inf values; a factorization of it "
+            "would be meaningless: clean the layer first"
+        )

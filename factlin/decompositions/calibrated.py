@@ -50,8 +50,9 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+import opt_einsum
 import torch
 
 from ..input_stats import DEFAULT_DAMPING, InputStats, PairedInputStats, damped
@@ -67,9 +68,12 @@ __all__ = [
 ]
 
 #: Default L-BFGS iterations of the refinement.
-DEFAULT_REFINE_ITER = 50
-#: Default relative-improvement tolerance of the refinement.
-DEFAULT_REFINE_TOL = 1e-4
+DEFAULT_REFINE_ITER = 100
+#: Default relative-improvement tolerance of the refinement: stop once the last
+#: :data:`_STOP_WINDOW` iterations together lowered the objective by less than this fraction
+#: (single L-BFGS iterations often gain little before larger gains follow).
+DEFAULT_REFINE_TOL = 1e-3
+_STOP_WINDOW = 10
 
 
 def whitening(moment: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
@@ -147,8 +151,10 @@ class OutputObjective:
                 moment = s.compressed.moment(centered).to(w.device)
                 cross = w @ s.cross_moment(centered).to(w.device)  # (out, in)
                 scale = ((w @ dense_moment) * w).sum()
-                # least-squares target P C^-1 (damped), the matrix the starts decompose
-                target = torch.linalg.solve(damped(moment, damping), cross.mT).mT
+                # the least-squares target P C'^-1, regularized towards W: T = W + (P - W C')
+                # (C' + damping)^-1 (exactly W when x' = x; W where C' leaves T undetermined)
+                residual = cross - w @ moment
+                target = w + torch.linalg.solve(damped(moment, damping), residual.mT).mT
             else:
                 moment = s.moment(centered).to(w.device)
                 cross = w @ moment
@@ -217,12 +223,21 @@ def _state(weight: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in weight.state_dict().items()}
 
 
-def _matrices(weight: Any) -> torch.Tensor:
-    """The rebuilt ``(n_layers, out, in)`` matrices, by one ``torch.einsum`` over the weight's
-    operands: no contraction plan is built (planning costs more than this contraction for the
-    many one-off weights a rank search fits)."""
+def _rebuild_expression(weight: Any) -> Callable[..., torch.Tensor]:
+    """An opt_einsum expression rebuilding the full tensor from ``weight._operands(None)``;
+    its contraction path is found once (factlin's own planner costs more than this contraction
+    for the many one-off weights a rank or shape search fits)."""
     subscripts, layer, out, inp = weight._signature(False)
-    tensor = torch.einsum(",".join(subscripts) + "->" + layer + out + inp, *weight._operands(None))
+    shapes = [tuple(op.shape) for op in weight._operands(None)]
+    return opt_einsum.contract_expression(",".join(subscripts) + "->" + layer + out + inp, *shapes)
+
+
+def _matrices(
+    weight: Any, expression: Optional[Callable[..., torch.Tensor]] = None
+) -> torch.Tensor:
+    """The rebuilt ``(n_layers, out, in)`` matrices."""
+    expression = expression or _rebuild_expression(weight)
+    tensor = expression(*weight._operands(None), backend="torch")
     return tensor.reshape(weight.n_layers, weight.out_features, weight.in_features)
 
 
@@ -343,13 +358,15 @@ def _refine(
     scale = float(objective.scale.sum())
     work = copy.deepcopy(weight).to(dtype)
     params = list(work.parameters())
+    expression = _rebuild_expression(work)
 
     def value_and_grad(flat: torch.Tensor) -> tuple[float, torch.Tensor]:
         _unflatten(flat, params)
         with torch.enable_grad():
             for p in params:
                 p.requires_grad_(True)
-            value = _WhitenedQuadratic.apply(_matrices(work), target_w, moment_w, linear_w) / scale
+            matrices = _matrices(work, expression)
+            value = _WhitenedQuadratic.apply(matrices, target_w, moment_w, linear_w) / scale
             grads = torch.autograd.grad(value, params)
         return float(value), torch.cat([g.reshape(-1) for g in grads])
 
@@ -373,13 +390,14 @@ def _lbfgs(
 ) -> tuple[torch.Tensor, int]:
     """Minimize by L-BFGS with a backtracking (Armijo) line search: every accepted step lowers
     the value, so the returned point is the best one visited. Stops after ``n_iter_max``
-    iterations, when an iteration lowers the value by less than ``tol`` times the value, or
-    when no step along the search direction decreases it.
+    iterations, when the last ``_STOP_WINDOW`` iterations lowered the value by less than
+    ``tol`` times the value, or when no step along the search direction decreases it.
 
     (Written here rather than taken from ``torch.optim.LBFGS``: importing ``torch.optim`` pulls
     in ``torch._dynamo``, seconds of import time for a conversion.)
     """
     value, grad = value_and_grad(x)
+    seen = [value]
     steps: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (s, y, 1 / y.s)
     n_iter = 0
     while n_iter < n_iter_max:
@@ -422,9 +440,9 @@ def _lbfgs(
             steps.append((s, y, 1.0 / sy))
             if len(steps) > history:
                 steps.pop(0)
-        improvement = value - new_value
         x, value, grad = candidate, new_value, new_grad
-        if improvement <= tol * abs(value):
+        seen.append(value)
+        if len(seen) > _STOP_WINDOW and seen[-1 - _STOP_WINDOW] - value <= tol * abs(value):
             break
     return x, n_iter
 
