@@ -358,11 +358,15 @@ def test_statistics_and_inputs_give_the_same_fit():
     for batch in batches:
         stats.update(batch)
     options = {"rank": 0.3, "factorization": "tt", "n_tensorized_modes": 2}
-    from_x = FactorizedLinear.from_linear(linear, calibration=batches, **options)  # (*, in)
-    from_stats = FactorizedLinear.from_linear(linear, calibration=stats, **options)
+    from_x = FactorizedLinear.from_linear(
+        linear, calibration=batches, calibration_kwargs=FAST, **options
+    )  # (*, in)
+    from_stats = FactorizedLinear.from_linear(
+        linear, calibration=stats, calibration_kwargs=FAST, **options
+    )
     # the same statistics up to the summation order; the refinement may amplify round-off
-    assert_close(stats.sum_outer,
-                 InputStats.from_inputs(batches).sum_outer, rtol=1e-12, atol=1e-12)  # fmt: skip
+    one_shot = InputStats.from_inputs(batches)
+    assert_close(stats.sum_outer, one_shot.sum_outer, rtol=1e-12, atol=1e-12)
     assert_close(from_x.weight.to_matrix(), from_stats.weight.to_matrix(), rtol=1e-6, atol=1e-8)
     assert_close(from_x.bias, from_stats.bias, rtol=1e-6, atol=1e-8)
     assert from_x.decomposition_info["output_error"] == pytest.approx(
@@ -375,7 +379,13 @@ def test_from_linear_list_mixes_inputs_and_statistics_and_sums_the_errors():
     xs = [_inputs(30 + 10 * k, 16, 37 + k) for k in range(3)]
     calibration = [xs[0], InputStats.from_inputs(xs[1]), xs[2].float()]
     layer = FactorizedLinear.from_linear_list(
-        linears, (4, 4), (3, 4), rank=0.5, factorization="tucker", calibration=calibration
+        linears,
+        (4, 4),
+        (3, 4),
+        rank=0.5,
+        factorization="tucker",
+        calibration=calibration,
+        calibration_kwargs=FAST,
     )
     info = layer.decomposition_info
     _info_is_consistent(info)
@@ -647,9 +657,9 @@ def test_output_objective_value_and_relative_error():
 def test_the_fit_does_not_depend_on_the_input_scale(factorization, scale):
     # the objective is relative and the damping relative: scaling every input by a constant
     # changes nothing (without refinement exactly; with it, the result stays at least as good)
-    (linear,) = _linears(1, 24, 18, True, 83, torch.float64)
-    x = _inputs(60, 24, 89)
-    options = {"rank": 0.3, "factorization": factorization, "n_tensorized_modes": 3}
+    (linear,) = _linears(1, 16, 12, True, 83, torch.float64)
+    x = _inputs(60, 16, 89)
+    options = {"rank": 0.3, "factorization": factorization, "n_tensorized_modes": 2}
     options["decomposition_kwargs"] = FREE[factorization]
     errors = {}
     for alpha in (1.0, scale):
@@ -658,18 +668,15 @@ def test_the_fit_does_not_depend_on_the_input_scale(factorization, scale):
         )
         errors[alpha] = layer.decomposition_info["output_error"]
     assert errors[scale] == pytest.approx(errors[1.0], rel=1e-6)
-    for dtype in (torch.float64, torch.float32):
-        lin = copy.deepcopy(linear).to(dtype)
-        layer = FactorizedLinear.from_linear(
-            lin, calibration=(scale * x).to(dtype), calibration_kwargs=FAST, **options
-        )
-        info = layer.decomposition_info
-        _check_finite(layer)
-        _info_is_consistent(info)
-        measured, _ = _output_errors(layer, [lin], [(scale * x).to(dtype)], True)
-        assert measured == pytest.approx(
-            info["output_error"], rel=1e-3 if dtype == torch.float32 else 1e-8
-        )
+    # refined, in float32 (the most fragile: float32 factors at extreme scales)
+    lin = copy.deepcopy(linear).float()
+    x32 = (scale * x).float()
+    layer = FactorizedLinear.from_linear(lin, calibration=x32, calibration_kwargs=FAST, **options)
+    info = layer.decomposition_info
+    _check_finite(layer)
+    _info_is_consistent(info)
+    measured, _ = _output_errors(layer, [lin], [x32], True)
+    assert measured == pytest.approx(info["output_error"], rel=1e-3)
 
 
 @pytest.mark.parametrize("factorization", ["cp", "tucker", "tt"])
