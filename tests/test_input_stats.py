@@ -225,3 +225,14 @@ def test_paired_stats_of_identical_inputs_equal_plain_stats(features, rows):
     plain = InputStats.from_inputs(x) if rows else InputStats(features)
     assert_close(paired.cross_moment(False), plain.second_moment, rtol=0, atol=0)
     assert_close(paired.cross_moment(True), plain.covariance, rtol=1e-10, atol=1e-12)
+
+
+def test_pickle_round_trip():
+    import pickle
+
+    stats = InputStats.from_inputs(torch.randn(7, 3))
+    back = pickle.loads(pickle.dumps(stats))
+    assert back.count == 7 and back.in_features == 3
+    assert torch.equal(back.sum_outer, stats.sum_outer) and torch.equal(back.sum, stats.sum)
+    merged = back.merge(stats)  # e.g. statistics gathered in other processes
+    assert merged.count == 14
