@@ -203,9 +203,13 @@ def _conversion_matches_one_process(factorization: str, rank: int, world: int, t
     import factlin
     from factlin import convert
 
-    iterations = None if factorization == "tt" else {"n_iter_max": 5}
-    kwargs = dict(rank=0.3, factorization=factorization, progress=False,
-                  decomposition_kwargs=iterations)  # fmt: skip
+    # TT: with the folding search (cheap there); CP and Tucker: planned foldings, few sweeps
+    cheap = (
+        {}
+        if factorization == "tt"
+        else dict(decomposition_kwargs={"n_iter_max": 5}, search_shapes=False)
+    )
+    kwargs = dict(rank=0.3, factorization=factorization, progress=False, **cheap)
     fitted = []
     original = convert.FactorizedLinear.from_linear
 
@@ -249,8 +253,10 @@ def _calibrated_conversion(rank: int, world: int, tmp: Path) -> None:
 
     generator = torch.Generator().manual_seed(4)
     batches = [torch.randn(16, 64, generator=generator) for _ in range(2 * world)]
+    # the planned foldings: a search by output error could flip between near-equal ones on
+    # statistics that differ in the last bits
     kwargs = dict(rank=0.3, factorization="tucker", progress=False, include=["1", "2"],
-                  calibration_kwargs={"refine": False})  # fmt: skip
+                  calibration_kwargs={"refine": False}, search_shapes=False)  # fmt: skip
     want, _ = factlin.tensorize_model(_dense_model(), calibration=batches, **kwargs)
     got, _ = factlin.tensorize_model(
         _dense_model(), calibration=batches[rank::world], process_group=dist.group.WORLD,
