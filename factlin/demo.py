@@ -5,8 +5,9 @@
 2. **from_linear** -- a trained-looking 768 x 768 weight (decaying spectrum) compressed to a
    quarter of its parameters by each decomposition: relative error and time.
 3. **Model compression** -- a dense MLP trained on scikit-learn's digits, compressed with
-   :func:`factlin.convert.tensorize_model` and fine-tuned for a few epochs: test accuracy against
-   compression.
+   :func:`factlin.convert.tensorize_model` data-free and calibrated (on a few batches of training
+   inputs; also sequentially, and with ``factorization='auto'`` under a budget), then fine-tuned
+   for a few epochs: test accuracy right after conversion and after fine-tuning.
 
 Everything is seeded and runs on a fixed number of threads, so every number but the timings is
 the same from run to run. scikit-learn and matplotlib are imported only inside the functions
@@ -41,6 +42,7 @@ __all__ = [
     "demo_layers",
     "demo_from_linear",
     "demo_compression",
+    "calibration_inputs",
     "load_digits_tensors",
     "plot_compression",
 ]
@@ -51,6 +53,13 @@ FACTORIZATIONS = ("cp", "tucker", "tt")
 #: these ranks its factorized forward is several times slower than the FLOP-based cost model
 #: behind 'auto' predicts, which made CP fine-tuning take most of the demo's time.
 MODEL_IMPLEMENTATION = {"cp": "reconstructed", "tucker": "auto", "tt": "auto"}
+
+#: Conversion methods of section 3, in row order: (label, calibrated, sequential).
+METHODS = (
+    ("data-free", False, False),
+    ("calibrated", True, False),
+    ("+ sequential", True, True),
+)
 
 
 @dataclass(frozen=True)
@@ -67,8 +76,12 @@ class DemoConfig:
     hidden: int  # section 3: MLP 64 -> hidden -> hidden -> 10
     epochs: int
     finetune_epochs: int
-    model_ranks: tuple[float, ...]
+    model_ranks: tuple[float, ...]  # also the budgets of the factorization='auto' rows
     cp_sweeps: int  # CP-ALS sweeps (n_iter_max); CP is by far the slowest decomposition
+    cp_refine_iters: int  # calibrated CP: refinement iterations (calibration_kwargs n_iter_max)
+    refine_iters: Optional[int]  # the same for Tucker, TT and 'auto' (None: the default)
+    calibration_samples: int  # section 3: training inputs the calibrated conversions see...
+    calibration_batch: int  # ...in batches of this many
     threads: int = 1
     seed: int = 0
 
@@ -85,8 +98,12 @@ FULL = DemoConfig(
     hidden=512,
     epochs=15,
     finetune_epochs=3,
-    model_ranks=(0.25, 0.1, 0.05),
+    model_ranks=(0.1,),
     cp_sweeps=3,
+    cp_refine_iters=10,
+    refine_iters=None,
+    calibration_samples=512,
+    calibration_batch=128,
 )
 
 #: A small version for tests and ``--quick`` (a few seconds).
@@ -100,9 +117,13 @@ QUICK = DemoConfig(
     weight_rank=0.25,
     hidden=64,
     epochs=15,
-    finetune_epochs=3,
+    finetune_epochs=1,
     model_ranks=(0.25,),
     cp_sweeps=5,
+    cp_refine_iters=5,
+    refine_iters=5,
+    calibration_samples=256,
+    calibration_batch=128,
 )
 
 
@@ -145,6 +166,10 @@ def _fixed_threads(threads: int) -> Iterator[None]:
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch{'s' if n != 1 else ''}"
 
 
 def _rank(rank: Any) -> str:
@@ -373,12 +398,45 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def demo_compression(config: DemoConfig = FULL, out: TextIO = sys.stdout) -> dict:
-    """Section 3: train, compress with every factorization and rank, fine-tune, evaluate.
+def calibration_inputs(x_train: torch.Tensor, config: DemoConfig) -> list[torch.Tensor]:
+    """The calibration set of section 3: ``config.calibration_samples`` training inputs drawn
+    in a seeded order, in batches of ``config.calibration_batch`` (never the test set)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(len(x_train), generator=generator)[: config.calibration_samples]
+    return [
+        x_train[order[start : start + config.calibration_batch]]
+        for start in range(0, len(order), config.calibration_batch)
+    ]
 
-    Returns ``{'dense': {...}, 'rows': [...]}``.
+
+def _chosen_formats(report: Any) -> str:
+    """What ``factorization='auto'`` chose, per layer: ``'0: low rank 30, 2: kept dense'``."""
+    parts = []
+    for record in report.layers:
+        if not record.converted:
+            if "budget" in (record.skipped or ""):
+                parts.append(f"{record.name}: kept dense")
+            continue
+        modes = len(record.in_tensorized_features or ())
+        kind = "low rank" if modes == 1 else f"{record.factorization} on {modes} modes"
+        parts.append(f"{record.name}: {kind} {_rank(record.rank)}")
+    return ", ".join(parts)
+
+
+def demo_compression(config: DemoConfig = FULL, out: TextIO = sys.stdout) -> dict:
+    """Section 3: train, compress data-free and calibrated, fine-tune, evaluate.
+
+    For every rank in ``config.model_ranks``: each factorization converted by each of
+    :data:`METHODS` (data-free; calibrated on a few batches of training inputs; calibrated
+    and sequential), then ``factorization='auto'`` with that rank as the parameter budget
+    (calibrated). Every compressed model is evaluated right after conversion and after the
+    same fine-tuning.
+
+    Returns ``{'dense': {...}, 'calibration_samples': int, 'finetune_epochs': int, 'rows':
+    [...]}``; each row holds the accuracies, parameters, errors and times of one conversion.
     """
     x_train, y_train, x_test, y_test = load_digits_tensors(config.seed)
+    calibration = calibration_inputs(x_train, config)
     dense = make_mlp(config.hidden, config.seed)
     tic = time.perf_counter()
     train(dense, x_train, y_train, config.epochs, config.seed)
@@ -387,6 +445,7 @@ def demo_compression(config: DemoConfig = FULL, out: TextIO = sys.stdout) -> dic
     with torch.no_grad():
         dense_fwd = median_seconds(lambda: dense(x_test), config.repeats, config.timing_budget_s)
     dense_params = _params(dense)
+    n_calibration = sum(len(batch) for batch in calibration)
     print(
         f"3. Model compression: MLP 64 -> {config.hidden} -> {config.hidden} -> 10 on digits "
         f"({len(x_train)} train / {len(x_test)} test)",
@@ -395,50 +454,74 @@ def demo_compression(config: DemoConfig = FULL, out: TextIO = sys.stdout) -> dic
     print(
         f"   dense: {dense_params:,} parameters, test accuracy {dense_acc:.3f} after "
         f"{config.epochs} epochs ({train_s:.1f} s), forward on the test set {_ms(dense_fwd)}. "
-        f"Compressed models: tensorize_model (the 10-way head stays dense), then "
-        f"{config.finetune_epochs} epochs of fine-tuning.",
+        f"Compressed models: tensorize_model (the 10-way head stays dense) data-free or "
+        f"calibrated on {n_calibration} training inputs ({len(calibration)} batches), then "
+        f"{_epochs(config.finetune_epochs)} of fine-tuning.",
         file=out,
     )
+    runs: list[tuple[str, Any, str, dict]] = []  # (factorization, rank label, method, kwargs)
+    auto_kwargs = None if config.refine_iters is None else {"n_iter_max": config.refine_iters}
+    for rank in config.model_ranks:
+        for factorization in FACTORIZATIONS:
+            cp = factorization == "cp"
+            for method, calibrated, sequential in METHODS:
+                kwargs: dict[str, Any] = {
+                    "rank": rank,
+                    "factorization": factorization,
+                    "implementation": MODEL_IMPLEMENTATION[factorization],
+                    "decomposition_kwargs": {"n_iter_max": config.cp_sweeps} if cp else None,
+                }
+                if calibrated:
+                    iters = config.cp_refine_iters if cp else config.refine_iters
+                    kwargs.update(
+                        calibration=calibration,
+                        sequential=sequential,
+                        calibration_kwargs=None if iters is None else {"n_iter_max": iters},
+                    )
+                runs.append((factorization, rank, method, kwargs))
+        runs.append((
+            "auto", f"budget {rank}", "calibrated",
+            {"budget": rank, "factorization": "auto", "calibration": calibration,
+             "calibration_kwargs": auto_kwargs},
+        ))  # fmt: skip
     rows = []
-    for factorization in FACTORIZATIONS:
-        kwargs = {"n_iter_max": config.cp_sweeps} if factorization == "cp" else None
-        for rank in config.model_ranks:
-            model, report = tensorize_model(
-                dense,
-                rank=rank,
-                factorization=factorization,
-                implementation=MODEL_IMPLEMENTATION[factorization],
-                decomposition_kwargs=kwargs,
-                progress=False,
-            )
-            before = accuracy(model, x_test, y_test)
-            tic = time.perf_counter()
-            train(model, x_train, y_train, config.finetune_epochs, config.seed)
-            finetune_s = time.perf_counter() - tic
-            after = accuracy(model, x_test, y_test)
-            with torch.no_grad():
-                fwd = median_seconds(partial(model, x_test), config.repeats, config.timing_budget_s)
-            params = _params(model)
-            rows.append({
-                "factorization": factorization,
-                "rank": rank,
-                "params": params,
-                "compression": dense_params / params,
-                "accuracy_converted": before,
-                "accuracy_finetuned": after,
-                "rel_errors": [r.rel_error for r in report.converted],
-                "seconds_convert": report.seconds,
-                "seconds_finetune": finetune_s,
-                "seconds_forward": fwd,
-            })  # fmt: skip
-    table = [("factorization", "rank", "params", "compression", "acc converted",
+    for factorization, rank, method, kwargs in runs:
+        tic = time.perf_counter()
+        model, report = tensorize_model(dense, progress=False, **kwargs)
+        convert_s = time.perf_counter() - tic
+        before = accuracy(model, x_test, y_test)
+        tic = time.perf_counter()
+        train(model, x_train, y_train, config.finetune_epochs, config.seed)
+        finetune_s = time.perf_counter() - tic
+        after = accuracy(model, x_test, y_test)
+        with torch.no_grad():
+            fwd = median_seconds(partial(model, x_test), config.repeats, config.timing_budget_s)
+        params = _params(model)
+        rows.append({
+            "factorization": factorization,
+            "rank": rank,
+            "method": method,
+            "params": params,
+            "fraction": params / dense_params,
+            "compression": dense_params / params,
+            "accuracy_converted": before,
+            "accuracy_finetuned": after,
+            "rel_errors": [r.rel_error for r in report.converted],
+            "output_errors": [r.output_error for r in report.converted],
+            "chosen": _chosen_formats(report) if factorization == "auto" else None,
+            "seconds_convert": convert_s,
+            "seconds_finetune": finetune_s,
+            "seconds_forward": fwd,
+        })  # fmt: skip
+    table = [("factorization", "rank", "method", "params", "of dense", "acc converted",
               "acc fine-tuned", "convert", "fine-tune", "forward", "vs dense")]  # fmt: skip
     for row in rows:
         table.append((
             row["factorization"],
             str(row["rank"]),
+            row["method"],
             f"{row['params']:,}",
-            f"{row['compression']:.2f}x",
+            f"{100 * row['fraction']:.1f}%",
             f"{row['accuracy_converted']:.3f}",
             f"{row['accuracy_finetuned']:.3f}",
             _ms(row["seconds_convert"]),
@@ -446,13 +529,24 @@ def demo_compression(config: DemoConfig = FULL, out: TextIO = sys.stdout) -> dic
             _ms(row["seconds_forward"]),
             f"{dense_fwd / row['seconds_forward']:.3g}x",
         ))  # fmt: skip
-    _table(table, out, right=(2, 3, 4, 5, 6, 7, 8, 9))
-    print(
-        "   rank: fraction of each converted layer's dense parameters; vs dense: forward "
-        "speed-up over the dense model (inference cache on; implementation 'auto', CP "
-        "'reconstructed').",
-        file=out,
-    )
+    _table(table, out, right=(3, 4, 5, 6, 7, 8, 9, 10))
+    iters = f"CP: {config.cp_sweeps} ALS sweeps, {config.cp_refine_iters} refinement iterations"
+    if config.refine_iters is not None:
+        iters += f"; the others {config.refine_iters}"
+    for line in (
+        "rank: fraction of each converted layer's dense parameters (auto: the budget, a fraction "
+        "of the matched layers' parameters, the head counted dense); of dense: the whole "
+        "model's parameters against the dense model's.",
+        "calibrated: each layer fitted to its outputs on the calibration inputs "
+        f"({iters}); + sequential: the layers fitted in call order, each on the inputs the "
+        "partly compressed model gives it; convert: the whole tensorize_model call.",
+        "vs dense: forward speed-up over the dense model (inference cache on; implementation "
+        "'auto', CP 'reconstructed').",
+    ):
+        print(f"   {line}", file=out)
+    for row in rows:
+        if row["chosen"] is not None:
+            print(f"   auto, {row['rank']}: {row['chosen']}", file=out)
     return {
         "dense": {
             "params": dense_params,
@@ -460,39 +554,55 @@ def demo_compression(config: DemoConfig = FULL, out: TextIO = sys.stdout) -> dic
             "seconds_train": train_s,
             "seconds_forward": dense_fwd,
         },
+        "calibration_samples": n_calibration,
+        "finetune_epochs": config.finetune_epochs,
         "rows": rows,
     }
 
 
 def plot_compression(result: dict, path: str) -> None:
-    """Accuracy after fine-tuning against compression, one line per factorization (PNG etc.).
+    """Test accuracy right after conversion and after fine-tuning, as grouped bars: one group
+    per factorization and rank, one bar per conversion method (PNG etc.).
 
     Uses matplotlib's Agg canvas directly (no pyplot, no global backend change).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
 
-    figure = Figure(figsize=(6, 4), dpi=120)
+    rows = result["rows"]
+    groups: list[tuple[str, str]] = []
+    for row in rows:
+        key = (row["factorization"], str(row["rank"]))
+        if key not in groups:
+            groups.append(key)
+    methods = [label for label, _, _ in METHODS]
+    width = 0.8 / len(methods)
+    figure = Figure(figsize=(10, 4), dpi=120)
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for factorization in FACTORIZATIONS:
-        rows = sorted(
-            (r for r in result["rows"] if r["factorization"] == factorization),
-            key=lambda r: r["compression"],
-        )
-        axes.plot(
-            [r["compression"] for r in rows],
-            [r["accuracy_finetuned"] for r in rows],
-            marker="o",
-            label=factorization,
-        )
-    axes.axhline(result["dense"]["accuracy"], color="gray", linestyle="--", label="dense")
-    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
-    axes.set_xlabel("compression (dense parameters / parameters)")
-    axes.set_ylabel("test accuracy after fine-tuning")
-    axes.set_title("digits MLP compressed with tensorize_model")
-    axes.legend()
+    panels = figure.subplots(1, 2, sharey=True)
+    for axes, key, title in zip(
+        panels,
+        ("accuracy_converted", "accuracy_finetuned"),
+        ("right after conversion", f"after {_epochs(result['finetune_epochs'])} of fine-tuning"),
+    ):
+        for k, method in enumerate(methods):
+            xs, ys = [], []
+            for g, (factorization, rank) in enumerate(groups):
+                for row in rows:
+                    if (row["factorization"], str(row["rank"]), row["method"]) == (
+                        factorization, rank, method,
+                    ):  # fmt: skip
+                        xs.append(g + (k - (len(methods) - 1) / 2) * width)
+                        ys.append(row[key])
+            axes.bar(xs, ys, width=width, label=method)
+        axes.axhline(result["dense"]["accuracy"], color="gray", linestyle="--", label="dense")
+        axes.set_xticks(range(len(groups)))
+        axes.set_xticklabels([f"{f}\n{r}" for f, r in groups])
+        axes.set_ylim(0, 1)
+        axes.set_title(f"test accuracy {title}")
+    panels[0].set_ylabel("test accuracy")
+    panels[1].legend(loc="lower right")
+    figure.suptitle("digits MLP compressed with tensorize_model: data-free against calibrated")
     figure.tight_layout()
     figure.savefig(path)
 
@@ -508,7 +618,8 @@ def run_demo(quick: bool = False, plot: Optional[str] = None, out: Optional[Text
     quick : bool, default False
         Use :data:`QUICK` (a few seconds) instead of :data:`FULL` (about a minute).
     plot : str, optional
-        Save the accuracy-vs-compression figure of section 3 there (needs matplotlib).
+        Save the figure of section 3 (accuracy after conversion and after fine-tuning, per
+        factorization and method) there (needs matplotlib).
     out : text stream, optional
 
     Returns

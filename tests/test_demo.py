@@ -14,7 +14,10 @@ pytest.importorskip("matplotlib")
 
 from factlin.demo import (  # noqa: E402
     FACTORIZATIONS,
+    METHODS,
     QUICK,
+    calibration_inputs,
+    load_digits_tensors,
     median_seconds,
     plot_compression,
     run_demo,
@@ -35,14 +38,50 @@ def test_quick_demo_accuracy(quick_run):
     compression = result["compression"]
     assert compression["dense"]["accuracy"] > 0.9
     rows = compression["rows"]
-    assert [r["factorization"] for r in rows] == [
-        f for f in FACTORIZATIONS for _ in QUICK.model_ranks
-    ]
+    methods = [label for label, _, _ in METHODS]
+    expected = []
+    for rank in QUICK.model_ranks:
+        expected += [(f, rank, m) for f in FACTORIZATIONS for m in methods]
+        expected.append(("auto", f"budget {rank}", "calibrated"))
+    assert [(r["factorization"], r["rank"], r["method"]) for r in rows] == expected
     for row in rows:
-        assert row["accuracy_finetuned"] > 0.8, row
+        assert row["accuracy_finetuned"] > 0.7, row  # 10 classes: chance is 0.1
         assert row["compression"] > 2
+        assert row["fraction"] == pytest.approx(1 / row["compression"])
+        calibrated = row["method"] != "data-free"
+        # calibrated fits report their output errors on the calibration inputs
+        assert all((e is not None) == calibrated for e in row["output_errors"]), row
+        assert all(e is None or 0 <= e < 1 for e in row["output_errors"]), row
+
+    # Calibrated conversion keeps more of what the model computes: on average over the
+    # factorizations, the accuracy right after conversion is higher than data-free.
+    def mean_converted(method):
+        return sum(r["accuracy_converted"] for r in rows if r["method"] == method) / len(
+            FACTORIZATIONS
+        )
+
+    assert mean_converted("+ sequential") > mean_converted("data-free")
+    assert mean_converted("calibrated") > mean_converted("data-free")
+    for row in rows:
+        if row["factorization"] == "auto":
+            budget = float(row["rank"].split()[1])
+            assert row["fraction"] <= budget  # every parameter of this MLP is in a linear
+            assert row["chosen"] and row["chosen"] in text
     # Its run time is a benchmark figure (printed by the demo), not a test: machines are shared.
     assert seconds > 0
+
+
+def test_calibration_inputs_are_training_inputs():
+    x_train = load_digits_tensors(QUICK.seed)[0]
+    batches = calibration_inputs(x_train, QUICK)
+    assert [len(b) for b in batches] == [QUICK.calibration_batch] * (
+        QUICK.calibration_samples // QUICK.calibration_batch
+    )
+    inputs = torch.cat(batches)
+    # every calibration input is a training row (never a test one)...
+    assert bool((inputs[:, None, :] == x_train[None, :, :]).all(dim=2).any(dim=1).all())
+    # ...and the same ones on every call
+    assert torch.equal(torch.cat(calibration_inputs(x_train, QUICK)), inputs)
 
 
 def test_quick_demo_output(quick_run):
@@ -68,9 +107,10 @@ def test_demo_is_reproducible(quick_run):
 
     def numbers(r):
         return [
-            (row["params"], row["accuracy_converted"], row["accuracy_finetuned"])
+            (row["params"], row["accuracy_converted"], row["accuracy_finetuned"],
+             row["output_errors"], row["chosen"])
             for row in r["compression"]["rows"]
-        ] + [row["rel_error"] for row in r["from_linear"]]
+        ] + [row["rel_error"] for row in r["from_linear"]]  # fmt: skip
 
     assert numbers(again) == numbers(result)
 
