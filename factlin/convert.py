@@ -5,7 +5,9 @@ size), chooses each layer's rank (one rank for all, a per-layer mapping, a param
 the whole model, or an error tolerance), decomposes each chosen weight with
 :meth:`FactorizedLinear.from_linear` and swaps the new modules in. Every decision is written down
 in a :class:`ConversionReport`: one :class:`LayerRecord` per linear layer, converted or skipped
-with the reason. :func:`untensorize_model` puts plain ``nn.Linear`` layers back.
+with the reason. :func:`untensorize_model` puts plain ``nn.Linear`` layers back. Hugging Face's
+``transformers.pytorch_utils.Conv1D`` (GPT-2's linear layers, weight stored transposed) is
+converted like ``nn.Linear`` and comes back as a ``Conv1D`` (see :mod:`factlin._linear_like`).
 
 Layers are named by their qualified names as in ``model.named_modules()`` (``'encoder.0.fc'``);
 a module registered under several names is converted once and the new module is put under every
@@ -468,8 +470,9 @@ def tensorize_model(
 
     Every plain ``nn.Linear`` that matches ``include``/``exclude`` and is large enough becomes a
     :class:`FactorizedLinear` built by :meth:`FactorizedLinear.from_linear`; every other module
-    is left untouched. A layer that cannot be tensorized usefully is kept and recorded as
-    skipped, with the reason, in the report: it never stops the conversion.
+    is left untouched. A Hugging Face ``Conv1D`` counts as an ``nn.Linear`` (its transposed
+    weight is read as ``(out, in)``). A layer that cannot be tensorized usefully is kept and
+    recorded as skipped, with the reason, in the report: it never stops the conversion.
 
     Parameters
     ----------
@@ -936,7 +939,8 @@ class _Fitter:
 
 
 def untensorize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Replace every :class:`FactorizedLinear` of ``model`` by a plain ``nn.Linear``.
+    """Replace every :class:`FactorizedLinear` of ``model`` by a plain ``nn.Linear`` (a
+    ``Conv1D`` for layers converted from one).
 
     Each layer becomes ``layer.to_linear()``: the rebuilt weight and the bias, so outputs are
     unchanged up to round-off. A :class:`SubFactorizedLinear` (one layer of a joint

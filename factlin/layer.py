@@ -178,7 +178,9 @@ class FactorizedLinear(nn.Module):
         Parameters
         ----------
         linear : torch.nn.Linear
-            The layer to compress (any module with a 2-D ``weight`` and optional ``bias``).
+            The layer to compress (any module with a 2-D ``weight`` and optional ``bias``; a
+            Hugging Face ``Conv1D``'s transposed weight is read as ``(out, in)``, and
+            :meth:`to_linear` then gives a ``Conv1D`` back).
         rank : 'same', float, int or tuple of int, default 'same'
             As in the constructor.
         auto_tensorize : bool, default True
@@ -541,7 +543,7 @@ class FactorizedLinear(nn.Module):
             bias = bias[layer]
         use_cache = self._use_cache()
         implementation = self._implementation
-        if implementation != "factorized" and exporting_to_onnx():
+        if implementation != "factorized" and not use_cache and exporting_to_onnx():
             implementation = "factorized"  # a rebuilt matrix would be folded into the file
         if implementation == "auto":
             implementation = self._resolve_auto(x, use_cache)

@@ -7,7 +7,10 @@
   implementation and dtype (plus counts for ``factlin inspect``);
 * the model's whole ``state_dict``: ``model.safetensors`` when the ``safetensors`` package is
   installed (tensors shared between keys, as tied weights are, are stored once), else
-  ``model.pt``, readable with ``torch.load(..., weights_only=True)``.
+  ``model.pt``, readable with ``torch.load(..., weights_only=True)``;
+* its buffers outside the ``state_dict`` (``persistent=False``, e.g. BERT's ``position_ids``),
+  if any, in ``buffers.safetensors`` / ``buffers.pt``: a skeleton built on the ``meta`` device
+  has no values for them.
 
 :func:`from_pretrained` takes the dense model's skeleton (built from its own config: randomly
 initialized, or on the ``meta`` device), puts a :class:`FactorizedLinear` of the recorded
@@ -55,6 +58,9 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "factlin_config.json"
 #: The weights files, by format.
 WEIGHTS_NAMES = {"safetensors": "model.safetensors", "torch": "model.pt"}
+#: The model's buffers that are not in its ``state_dict`` (``persistent=False``), by format:
+#: a skeleton built on the meta device gets them from there.
+BUFFERS_NAMES = {"safetensors": "buffers.safetensors", "torch": "buffers.pt"}
 #: safetensors metadata key of the ``{alias: stored key}`` map of shared tensors.
 _ALIASES_KEY = "factlin_aliases"
 
@@ -416,6 +422,16 @@ def _unique_state(state: Mapping[str, torch.Tensor]) -> tuple[dict, dict[str, st
     return tensors, aliases
 
 
+def _write(path: str, state: Mapping[str, torch.Tensor], safetensors: Any) -> None:
+    """``state`` to ``path``: safetensors (with ``safetensors.torch`` given) or torch.save."""
+    if safetensors is None:
+        torch.save(dict(state), path)
+        return
+    unique, aliases = _unique_state(state)
+    tensors = {key: t.detach().cpu() for key, t in unique.items()}
+    safetensors.save_file(tensors, path, metadata={_ALIASES_KEY: json.dumps(aliases)})
+
+
 def save_pretrained(
     model: nn.Module, directory: Union[str, os.PathLike], weights_format: Optional[str] = None
 ) -> str:
@@ -472,27 +488,30 @@ def save_pretrained(
         )
     from . import __version__
 
-    unique, aliases = _unique_state(state)
+    buffers = {
+        name: buffer
+        for name, buffer in model.named_buffers(remove_duplicate=False)
+        if name not in state and not buffer.is_meta
+    }
     parameters = {id(p): p.numel() for p in model.parameters()}
     config = {
         "format_version": FORMAT_VERSION,
         "factlin_version": __version__,
         "weights_file": WEIGHTS_NAMES[weights_format],
+        "buffers_file": BUFFERS_NAMES[weights_format] if buffers else None,
         "model_params": sum(parameters.values()),
         "layers": _factorized_layers(model),
     }
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(os.fspath(directory), WEIGHTS_NAMES[weights_format])
-    if weights_format == "safetensors":
-        tensors = {key: t.detach().cpu() if t.device.type != "cpu" else t.detach()
-                   for key, t in unique.items()}  # fmt: skip
-        backend.save_file(tensors, path, metadata={_ALIASES_KEY: json.dumps(aliases)})
-    else:
-        torch.save(dict(state), path)
-    for other in set(WEIGHTS_NAMES.values()) - {WEIGHTS_NAMES[weights_format]}:
-        stale = os.path.join(os.fspath(directory), other)
+    for name in (*WEIGHTS_NAMES.values(), *BUFFERS_NAMES.values()):  # no stale files
+        stale = os.path.join(os.fspath(directory), name)
         if os.path.exists(stale):
             os.remove(stale)
+    path = os.path.join(os.fspath(directory), WEIGHTS_NAMES[weights_format])
+    _write(path, state, backend if weights_format == "safetensors" else None)
+    if buffers:
+        buffers_path = os.path.join(os.fspath(directory), BUFFERS_NAMES[weights_format])
+        _write(buffers_path, buffers, backend if weights_format == "safetensors" else None)
     with open(os.path.join(os.fspath(directory), CONFIG_NAME), "w") as stream:
         json.dump(config, stream, indent=2)
         stream.write("\n")
@@ -566,6 +585,17 @@ def _parameter_ties(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
     return [group for group in groups.values() if len(group) > 1]
 
 
+def _restore_buffers(model: nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
+    """Saved values for the non-persistent buffers still on the meta device (a skeleton built
+    there); the skeleton's own buffers elsewhere are kept."""
+    for name, value in saved.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = _lookup(model, owner_name)
+        current = None if owner is None else owner._buffers.get(attr)
+        if current is not None and current.is_meta and tuple(current.shape) == tuple(value.shape):
+            owner._buffers[attr] = value
+
+
 def _default_device(model: nn.Module) -> torch.device:
     for tensor in (*model.parameters(), *model.buffers()):
         if not tensor.is_meta:
@@ -636,13 +666,18 @@ def from_pretrained(
         shared = module._parameters[attr]
         for other, other_attr in group[1:]:
             other._parameters[other_attr] = shared
+    buffers_file = config.get("buffers_file")
+    if buffers_file is not None and any(b.is_meta for b in root.buffers()):
+        _restore_buffers(
+            root, _load_state(os.path.join(os.fspath(directory), buffers_file), target)
+        )
     left = [name for name, t in (*root.named_parameters(), *root.named_buffers()) if t.is_meta]
     if left:
         raise PretrainedError(
             f"{len(left)} tensors are still on the meta device after loading ("
-            f"{', '.join(left[:3])}{', ...' if len(left) > 3 else ''}): buffers that are not "
-            "part of the state_dict (persistent=False) must be created by the skeleton; build "
-            "it on a real device, or create those buffers before calling from_pretrained"
+            f"{', '.join(left[:3])}{', ...' if len(left) > 3 else ''}): the saved model has no "
+            "values for them (buffers outside the state_dict, persistent=False, that it did not "
+            "have); build the skeleton on a real device, or create them before from_pretrained"
         )
     return root
 

@@ -202,17 +202,26 @@ def test_errors_name_the_problem(tmp_path):
         from_pretrained("model", tmp_path)
 
 
-def test_meta_buffers_left_unloaded_are_reported(tmp_path):
-    class WithBuffer(nn.Sequential):
-        def __init__(self) -> None:
-            super().__init__(nn.Linear(64, 64))
-            self.register_buffer("mask", torch.ones(3), persistent=False)
+class _WithBuffer(nn.Sequential):
+    def __init__(self, extra: bool = False) -> None:
+        super().__init__(nn.Linear(64, 64))
+        self.register_buffer("mask", torch.arange(3.0), persistent=False)
+        if extra:
+            self.register_buffer("other", torch.ones(2), persistent=False)
 
-    small, _ = factlin.tensorize_model(WithBuffer(), rank=0.5, progress=False)
+
+def test_buffers_outside_the_state_dict_reach_a_meta_skeleton(tmp_path):
+    small, _ = factlin.tensorize_model(_WithBuffer(), rank=0.5, progress=False)
     save_pretrained(small, tmp_path)
+    assert "buffers.safetensors" in os.listdir(tmp_path) or "buffers.pt" in os.listdir(tmp_path)
     with torch.device("meta"):
-        skeleton = WithBuffer()
-    with pytest.raises(PretrainedError, match="mask"):
+        skeleton = _WithBuffer()
+    loaded = from_pretrained(skeleton, tmp_path)
+    assert torch.equal(loaded.mask, torch.arange(3.0))
+
+    with torch.device("meta"):
+        skeleton = _WithBuffer(extra=True)
+    with pytest.raises(PretrainedError, match="other"):
         from_pretrained(skeleton, tmp_path)
 
 
