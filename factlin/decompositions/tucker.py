@@ -109,15 +109,26 @@ def tucker_to_tensor(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> tor
 
 
 def _project(
-    x: torch.Tensor, factors: Sequence[torch.Tensor], modes: Sequence[int] | None = None
+    x: torch.Tensor,
+    factors: Sequence[torch.Tensor],
+    modes: Sequence[int] | None = None,
+    workspace: list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """``x ×_j U_j^T`` for every mode ``j`` in ``modes`` (default all); modes that shrink most
-    go first."""
+    go first. With a ``workspace`` (two reusable flat buffers, grown as needed) the partial
+    results alternate between its buffers: the result lives in one of them until the next
+    call with the same workspace."""
     modes = list(range(len(factors)) if modes is None else modes)
     modes.sort(key=lambda k: factors[k].shape[1] / factors[k].shape[0])
     out = x
-    for mode in modes:
-        out = mode_multiply(out, factors[mode].mT, mode)  # mode size n_k -> r_k
+    for step, mode in enumerate(modes):
+        buffer = None
+        if workspace is not None:
+            numel = out.numel() // out.shape[mode] * factors[mode].shape[1]
+            buffer = workspace[step % 2]
+            if buffer is None or buffer.numel() < numel:
+                buffer = workspace[step % 2] = x.new_empty(numel)
+        out = mode_multiply(out, factors[mode].mT, mode, out=buffer)  # n_k -> r_k
     return out
 
 
@@ -125,17 +136,18 @@ def estimate_tucker_memory(shape: Sequence[int], ranks: Sequence[int], itemsize:
     """Peak working memory of :func:`tucker`, in bytes, from the shape and ranks alone.
 
     Counts a working copy of the tensor (made when it is not contiguous or is upcast), the
-    partial projections alive together during a HOOI sweep on its dimension tree (each level's
-    projection plus the two buffers of the mode product being formed, simulated from the
-    ranks), the previous core, or, when the error is recomputed from the rebuilt tensor, the
-    reconstruction and the difference; plus the factors, the float64 Gram matrix of the largest
-    mode and the blocks it is accumulated from.
+    partial projections alive together during a HOOI sweep on its dimension tree (the root's
+    two-buffer workspace, then each level's projection plus the two buffers of the mode
+    product being formed, simulated from the ranks), the previous core, or, when the error
+    is recomputed from the rebuilt tensor, the reconstruction and the difference; plus the
+    factors, the float64 Gram matrix of the largest mode and the blocks it is accumulated
+    from.
     """
     shape = tuple(int(n) for n in shape)
     ranks = tuple(int(r) for r in ranks)
     numel = math.prod(shape)
     core = math.prod(ranks)
-    sweep = core + _sweep_peak(list(shape), list(range(len(shape))), shape, ranks)
+    sweep = core + _root_sweep_peak(list(shape), shape, ranks)
     error = 2 * numel + core
     elements = numel + max(sweep, error) + sum(n * r for n, r in zip(shape, ranks))
     gram = max(shape) ** 2 + 2 * min(numel, GRAM_BLOCK_ELEMENTS)
@@ -153,6 +165,24 @@ def _chain_peak(
         out = math.prod(sizes)
         peak, previous = max(peak, previous + out), out
     return peak, sizes
+
+
+def _root_sweep_peak(sizes: list[int], shape: Sequence[int], ranks: Sequence[int]) -> int:
+    """Elements alive during a whole HOOI sweep (not counting the tensor): the root's two
+    projection chains write into a two-buffer workspace that stays allocated, under which
+    each half's subtree runs."""
+    modes = list(range(len(sizes)))
+    if len(modes) == 1:
+        return _sweep_peak(sizes, modes, shape, ranks)
+    half = len(modes) // 2
+    slots, below = [0, 0], 0
+    for group, other in ((modes[:half], modes[half:]), (modes[half:], modes[:half])):
+        current = list(sizes)
+        for step, mode in enumerate(sorted(other, key=lambda k: ranks[k] / shape[k])):
+            current[mode] = ranks[mode]
+            slots[step % 2] = max(slots[step % 2], math.prod(current))
+        below = max(below, _sweep_peak(current, group, shape, ranks))
+    return sum(slots) + below
 
 
 def _sweep_peak(
@@ -345,8 +375,10 @@ def tucker(
     previous: float | None = None
     n_iter = 0
     all_modes = list(range(len(shape)))
+    workspace: list[torch.Tensor | None] = [None, None]  # reused by every sweep's root
     for n_iter in range(1, n_iter_max + 1):
-        core = cast(torch.Tensor, _hooi_sweep(x, factors, all_modes, mixed, generator))
+        swept = _hooi_sweep(x, factors, all_modes, mixed, generator, True, workspace)
+        core = cast(torch.Tensor, swept)
         # orthonormal factors: ||X - X_hat||^2 = ||X||^2 - ||core||^2
         rel_error = _error_from_core(norm_sq, core)
         if rel_error < exact_below:
@@ -360,6 +392,7 @@ def tucker(
         ):
             break
         previous = rel_error
+    del workspace
     if core is None:
         core = _project(x, factors)
         rel_error = _error_from_core(norm_sq, core)
@@ -382,6 +415,7 @@ def _hooi_sweep(
     mixed: bool,
     generator: torch.Generator,
     want_core: bool = True,
+    workspace: list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor | None:
     """Update ``factors[k]`` for ``k`` in ``modes``, in order; return the last mode's core part.
 
@@ -391,6 +425,7 @@ def _hooi_sweep(
     from ``y`` projected on the updated first half: the same Gauss-Seidel updates as one
     projection chain per mode, sharing the partial projections. Returns ``y`` projected on
     every mode of ``modes`` once all are updated (the core, at the root) when ``want_core``.
+    The two projections of ``y`` (the largest tensors formed) are made in ``workspace``.
     """
     if len(modes) == 1:
         mode = modes[0]
@@ -399,8 +434,9 @@ def _hooi_sweep(
         return mode_multiply(y, factors[mode].mT, mode) if want_core else None  # n -> r
     half = len(modes) // 2
     first, second = modes[:half], modes[half:]
-    _hooi_sweep(_project(y, factors, second), factors, first, mixed, generator, False)
-    return _hooi_sweep(_project(y, factors, first), factors, second, mixed, generator, want_core)
+    _hooi_sweep(_project(y, factors, second, workspace), factors, first, mixed, generator, False)
+    projected = _project(y, factors, first, workspace)
+    return _hooi_sweep(projected, factors, second, mixed, generator, want_core)
 
 
 def _finish(
