@@ -157,7 +157,8 @@ def test_not_a_linear():
 
 def test_memory_guard_refuses_hopeless_cp_fast():
     start = time.perf_counter()
-    with pytest.raises(ValueError, match="GiB"):
+    # blocked CP-ALS needs ~1 GiB here: the time guard refuses it (hours estimated)
+    with pytest.raises(ValueError, match="GiB|would take an estimated"):
         FactorizedLinear.from_linear(nn.Linear(4096, 4096), rank="same", factorization="cp")
     assert time.perf_counter() - start < 10
 
