@@ -26,6 +26,7 @@ from .input_stats import DEFAULT_DAMPING, InputStats, PairedInputStats
 __all__ = [
     "STATS_MEMORY_BYTES",
     "allocate_by_output_error",
+    "budget_split",
     "collect_layer_stats",
     "fit_sequentially",
 ]
@@ -64,6 +65,21 @@ def collect_layer_stats(
     return stats
 
 
+def budget_split(plans: Sequence[Any], budget: float) -> tuple[float, int, list[Any]]:
+    """``(target, fixed, candidates)``: the parameters ``budget`` allows the matched layers,
+    those of matched layers that stay dense anyway, and the plans that may be converted."""
+    matched = [p for p in plans if p.matched]
+    target = budget * sum(p.record.params_before for p in matched)
+    fixed = sum(p.record.params_before for p in matched if p.record.skipped is not None)
+    candidates = [p for p in matched if p.record.skipped is None]
+    if not candidates:
+        raise FactlinError(
+            f"budget={budget}: none of the {len(matched)} matched linear layers can be "
+            "tensorized (see the skip reasons with budget=None)"
+        )
+    return target, fixed, candidates
+
+
 def allocate_by_output_error(
     plans: Sequence[Any],
     stats: dict[str, InputStats],
@@ -75,15 +91,7 @@ def allocate_by_output_error(
     """Choose each candidate plan's factorization, shapes and rank (or keep it dense) so that
     the matched layers' parameters total ``budget`` times what they have now, minimizing the
     sum of relative output errors (see :mod:`factlin.allocation`). Updates the plans."""
-    matched = [p for p in plans if p.matched]
-    target = budget * sum(p.record.params_before for p in matched)
-    fixed = sum(p.record.params_before for p in matched if p.record.skipped is not None)
-    candidates = [p for p in matched if p.record.skipped is None]
-    if not candidates:
-        raise FactlinError(
-            f"budget={budget}: none of the {len(matched)} matched linear layers can be "
-            "tensorized (see the skip reasons with budget=None)"
-        )
+    target, fixed, candidates = budget_split(plans, budget)
     formats = AUTO_CANDIDATES if factorization == "auto" else ((factorization, n_modes),)
     all_options = []
     for plan in candidates:

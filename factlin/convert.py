@@ -35,6 +35,7 @@ from torch import nn
 
 from ._calibrated_conversion import (
     allocate_by_output_error,
+    budget_split,
     collect_layer_stats,
     dense_reference,
     fit_sequentially,
@@ -281,15 +282,7 @@ def _plan_layer(
 # Budget: one fraction for every layer, then the largest layer fills the gap
 # --------------------------------------------------------------------------------------------
 def _apply_budget(plans: list[_Plan], factorization: str, budget: float) -> None:
-    matched = [p for p in plans if p.matched]
-    target = budget * sum(p.record.params_before for p in matched)
-    fixed = sum(p.record.params_before for p in matched if p.record.skipped is not None)
-    candidates = [p for p in matched if p.record.skipped is None]
-    if not candidates:
-        raise FactlinError(
-            f"budget={budget}: none of the {len(matched)} matched linear layers can be "
-            "tensorized (see the skip reasons with budget=None)"
-        )
+    target, fixed, candidates = budget_split(plans, budget)
 
     def count(plan: _Plan, fraction: float) -> int:
         weights = _resolved(factorization, fraction, plan.in_shape, plan.out_shape)[1]
