@@ -4,7 +4,9 @@ For Gaussian weights (``torch.randn``, seed 0) of 1024x1024, 2048x2048, 4096x409
 and 8192x8192 (when the host has the memory), every format (TT, Tucker, CP) at ranks 0.05 and
 0.25 of the dense parameter count is converted with the public API, each configuration in a
 fresh subprocess, next to the algorithm's FLOP count and to ``torch.svd_lowrank(W, q=256,
-niter=2)`` of the same matrix (the practical floor: one randomized SVD).
+niter=2)`` of the same matrix (the practical floor: one randomized SVD). Shapes are the
+default ``get_tensorized_shape`` ones (``search_shapes=False`` where ``from_linear`` has it:
+the search runs one decomposition per candidate shape).
 
 Memory method: the child process first runs the same conversion on a 128x128 weight (so that
 code pages and thread pools loaded on first use are not counted), builds the weight in place
@@ -39,6 +41,7 @@ Usage: ``python benchmarks/scale.py [--sizes 1024x1024,...] [--formats tt,tucker
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -118,6 +121,13 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _options(factlin) -> dict:  # noqa: ANN001
+    """``search_shapes=False`` where ``from_linear`` has it: one decomposition per layer."""
+    if "search_shapes" in inspect.signature(factlin.FactorizedLinear.from_linear).parameters:
+        return {"search_shapes": False}
+    return {}
+
+
 def _warm_up(config: dict, torch, nn, factlin) -> None:  # noqa: ANN001
     """The same call on a 128x128 weight first, so that code pages and thread pools loaded on
     first use are not counted as the conversion's memory."""
@@ -130,7 +140,11 @@ def _warm_up(config: dict, torch, nn, factlin) -> None:  # noqa: ANN001
         linear.weight.copy_(weight)
     kwargs = {"n_iter_max": 1} if config["format"] == "cp" else None
     factlin.FactorizedLinear.from_linear(
-        linear, rank=config["rank"], factorization=config["format"], decomposition_kwargs=kwargs
+        linear,
+        rank=config["rank"],
+        factorization=config["format"],
+        decomposition_kwargs=kwargs,
+        **_options(factlin),
     )
 
 
@@ -163,12 +177,14 @@ def child(config: dict) -> dict:
         linear = nn.Linear(in_features, out_features, bias=False, device="meta")
         linear.weight = nn.Parameter(weight, requires_grad=False)
         kwargs = {"n_iter_max": config["cp_sweeps"]} if config["format"] == "cp" else None
+        options = _options(factlin)
         try:
             layer = factlin.FactorizedLinear.from_linear(
                 linear,
                 rank=config["rank"],
                 factorization=config["format"],
                 decomposition_kwargs=kwargs,
+                **options,
             )
         except ValueError as error:  # a guard refused it: record why, at once
             row["seconds"] = time.perf_counter() - start
