@@ -107,12 +107,31 @@ def test_explicit_shapes():
     assert layer.in_tensorized_features == (2, 3, 4) and layer.out_tensorized_features == (6,)
 
 
-def test_auto_tensorize_uses_balanced_shapes():
+def test_auto_tensorize_without_search_uses_balanced_shapes():
     layer = FactorizedLinear.from_linear(
-        _linear(768, 96, dtype=torch.float32), rank=0.05, factorization="tt"
+        _linear(768, 96, dtype=torch.float32), rank=0.05, factorization="tt", search_shapes=False
     )
     assert layer.in_tensorized_features == (8, 8, 12)
     assert layer.out_tensorized_features == (4, 4, 6)
+    assert "shapes" not in layer.decomposition_info
+
+
+@pytest.mark.parametrize("factorization", ["tt", "tucker"])
+def test_shape_search_is_never_worse_than_the_balanced_shape(factorization):
+    linear = _linear(96, 64, dtype=torch.float64)
+    balanced = FactorizedLinear.from_linear(
+        linear, rank=0.2, factorization=factorization, search_shapes=False
+    )
+    searched = FactorizedLinear.from_linear(linear, rank=0.2, factorization=factorization)
+    info = searched.decomposition_info
+    assert info["rel_error"] <= balanced.decomposition_info["rel_error"] + 1e-9
+    assert searched.weight.num_parameters() <= balanced.weight.num_parameters()
+    chosen = [c for c in info["shapes"] if c["chosen"]]
+    assert len(chosen) == 1
+    assert (chosen[0]["in_shape"], chosen[0]["out_shape"]) == (
+        searched.in_tensorized_features,
+        searched.out_tensorized_features,
+    )
 
 
 @pytest.mark.parametrize(
