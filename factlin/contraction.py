@@ -36,6 +36,7 @@ from typing import Optional
 
 import opt_einsum
 import torch
+from opt_einsum.paths import DynamicProgramming, branch
 
 from ._matmul import backward_is_narrow, narrow_penalty, oriented_matmul
 
@@ -88,6 +89,9 @@ SECONDS_PER_FRESH_ELEMENT = 2.6e-9
 _FRESH_ELEMENTS = 8 << 20
 #: Largest operand count searched exhaustively by :func:`_search_exhaustive` (3**n splits).
 _MAX_EXHAUSTIVE = 9
+#: Largest operand count also given to opt_einsum's dynamic programming (a few ms; fully
+#: connected networks, CP's, make it explode beyond: 27 ms at 8 operands, 2 s at 12).
+_MAX_DYNAMIC_PROGRAMMING = 6
 #: Result orders the exhaustive search keeps per subset of operands (see there)...
 _ORDERS_KEPT = 2
 #: ...up to this many operands (one beyond)...
@@ -101,8 +105,9 @@ _MAX_SIZED_BATCHES = 64
 _RANDOM_GREEDY_REPEATS = 32
 #: ...at least this many...
 _MIN_RANDOM_GREEDY_REPEATS = 4
-#: ...and about this many operand pairs in all (a trial weighs about n**2 pairs).
-_RANDOM_GREEDY_BUDGET = 2000
+#: ...and about this many operand pairs in all (a trial weighs about n**2 pairs: 16 trials at
+#: 20 operands, a few ms each).
+_RANDOM_GREEDY_BUDGET = 6400
 
 
 def matmul_seconds(batch: int, m: int, n: int, k: int) -> float:
@@ -610,11 +615,24 @@ class _Pricer:
         self.batch_mode = batch_mode
         self.backward = backward
         self.memo: dict[tuple, list[_Compiled]] = {}
+        self._legs: dict[tuple, dict[int, frozenset[str]]] = {}
 
     def __call__(
         self, left: str, right: str, legs: frozenset[str], final: Optional[str] = None
     ) -> _Compiled:
         return min(self.options(left, right, legs, final), key=lambda c: c.seconds)
+
+    def legs_memo(self, terms: Sequence[str], output: str) -> Callable[[int], frozenset[str]]:
+        """:func:`_legs` for ``terms`` and ``output``, remembered per subset."""
+        memo = self._legs.setdefault((tuple(terms), output), {})
+
+        def legs(subset: int) -> frozenset[str]:
+            value = memo.get(subset)
+            if value is None:
+                value = memo[subset] = _legs(subset, terms, output)
+            return value
+
+        return legs
 
     def options(
         self, left: str, right: str, legs: frozenset[str], final: Optional[str] = None
@@ -797,30 +815,31 @@ def _search_greedy(
     """Repeatedly contract the connected pair whose step is cheapest (for many operands)."""
     if price is None:
         price = _Pricer(sizes, batch_mode, backward)
-    working = [(1 << i, term) for i, term in enumerate(terms)]
+    legs_of = price.legs_memo(terms, output)
+    working = [(1 << i, term, frozenset(term)) for i, term in enumerate(terms)]
     pairs: list[tuple[int, int]] = []
     while len(working) > 1:
         options = []
+        last = len(working) == 2
         for i in range(len(working)):
             for j in range(i + 1, len(working)):
-                (si, ti), (sj, tj) = working[i], working[j]
-                if not set(ti) & set(tj) and len(working) > 2:
+                (si, ti, mi), (sj, tj, mj) = working[i], working[j]
+                if not last and mi.isdisjoint(mj):
                     continue
-                legs = _legs(si | sj, terms, output)
-                if len(working) > 2 and not allowed(legs):
+                legs = legs_of(si | sj)
+                if not last and not allowed(legs):
                     continue
                 compiled = price(ti, tj, legs)
                 options.append((compiled.seconds, i, j, compiled.order))
         if not options:  # nothing connected is allowed: take the first pair
-            legs = _legs(working[0][0] | working[1][0], terms, output)
-            options = [(0.0, 0, 1, step_seconds(working[0][1], working[1][1], legs, sizes,
-                                                 batch_mode, build=False).order)]  # fmt: skip
+            legs = legs_of(working[0][0] | working[1][0])
+            options = [(0.0, 0, 1, price(working[0][1], working[1][1], legs).order)]
         _, i, j, order = min(options)
         subset = working[i][0] | working[j][0]
         pairs.append((i, j))
         del working[j]
         del working[i]
-        working.append((subset, order))
+        working.append((subset, order, frozenset(order)))
     return pairs
 
 
@@ -979,6 +998,8 @@ def _candidate_paths(
     if len(terms) <= _MAX_EXHAUSTIVE:
         candidates.append(_search_exhaustive(terms, *search))
         candidates.append(_search_greedy(terms, *search))
+        if len(terms) <= _MAX_DYNAMIC_PROGRAMMING:  # a few ms: a second opinion on orders
+            candidates.append(_opt_einsum_dynamic_programming(terms, output, sizes))
         return candidates
     prefix, reduced = _absorb_vectors(terms, output, price, batch_mode, allowed)
     if prefix and len(reduced) <= _MAX_EXHAUSTIVE:
@@ -1061,9 +1082,10 @@ def _opt_einsum_paths(
     terms: Sequence[str], output: str, sizes: dict[str, int]
 ) -> list[Optional[list[tuple[int, int]]]]:
     """opt_einsum's orders, pairwise, for networks too large for the exhaustive search: its
-    greedy search and a bounded number of seeded random-greedy trials (its dynamic programming
-    and branch searches explode on such networks: a CP weight is one hyperedge joining every
-    factor; 2 s at 12 operands, a minute at 20).
+    greedy search, its branch search with one branch (the greedy choice, looking ahead), and a
+    bounded number of seeded random-greedy trials (its dynamic programming and wider branch
+    searches explode on such networks: a CP weight is one hyperedge joining every factor; 2 s
+    at 12 operands, a minute at 20).
 
     The searches are called with integer mode labels: they iterate over sets of labels, and
     integers hash alike in every process where strings do not (``PYTHONHASHSEED``), so the
@@ -1077,6 +1099,7 @@ def _opt_einsum_paths(
     repeats = max(_MIN_RANDOM_GREEDY_REPEATS, _RANDOM_GREEDY_BUDGET // len(terms) ** 2)
     optimizers: list = [
         opt_einsum.paths.greedy,
+        functools.partial(branch, nbranch=1),
         opt_einsum.RandomGreedy(max_repeats=min(repeats, _RANDOM_GREEDY_REPEATS)),
     ]
     state = random.getstate()  # random-greedy seeds Python's generator with its trial numbers
@@ -1093,6 +1116,20 @@ def _opt_einsum_paths(
         return paths
     finally:
         random.setstate(state)
+
+
+def _opt_einsum_dynamic_programming(
+    terms: Sequence[str], output: str, sizes: dict[str, int]
+) -> Optional[list[tuple[int, int]]]:
+    """opt_einsum's dynamic programming on FLOPs plus intermediate sizes (integer labels, as
+    in :func:`_opt_einsum_paths`), for small networks only."""
+    inputs = [frozenset(map(ord, term)) for term in terms]
+    size_dict = {ord(c): n for c, n in sizes.items() if len(c) == 1}
+    try:
+        path = DynamicProgramming(minimize="combo")(inputs, frozenset(map(ord, output)), size_dict)
+    except (ValueError, TypeError):  # e.g. scalar operands opt_einsum does not take
+        return None
+    return [(int(i), int(j)) for i, j in path] if all(len(s) == 2 for s in path) else None
 
 
 def _respects(path: Sequence[tuple[int, int]], terms: Sequence[str], output: str, allowed) -> bool:
