@@ -7,12 +7,13 @@ factors through a contraction order planned once.
 
 from .calibration import CalibrationError, collect_input_stats
 from .convert import ConversionReport, LayerRecord, tensorize_model, untensorize_model
-from .decompositions import MemoryLimitError
+from .decompositions import MemoryLimitError, TimeLimitError
 from .errors import FactlinError, InputError, RankError, ShapeError
 from .factorizations import FACTORIZATIONS, CPWeight, FactorizedWeight, TTWeight, TuckerWeight
 from .input_stats import InputStats, PairedInputStats
 from .layer import FactorizedLinear, SubFactorizedLinear
 from .pretrained import PretrainedError, from_pretrained, save_pretrained
+from .shape_search import candidate_shapes, choose_tensorized_shape
 from .tensorized_shape import get_tensorized_shape, tensorize_dim
 from .tltorch_compat import TLTORCH_ONLY_NAMES, convert_tltorch_state_dict, tltorch_only_name_error
 
@@ -27,11 +28,14 @@ __all__ = [
     "TTWeight",
     "FACTORIZATIONS",
     "get_tensorized_shape",
+    "choose_tensorized_shape",
+    "candidate_shapes",
     "tensorize_model",
     "untensorize_model",
     "ConversionReport",
     "LayerRecord",
     "MemoryLimitError",
+    "TimeLimitError",
     "tensorize_dim",
     "InputStats",
     "PairedInputStats",
