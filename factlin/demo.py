@@ -82,6 +82,7 @@ class DemoConfig:
     refine_iters: Optional[int]  # the same for Tucker, TT and 'auto' (None: the default)
     calibration_samples: int  # section 3: training inputs the calibrated conversions see...
     calibration_batch: int  # ...in batches of this many
+    search_shapes: bool  # section 3: tensorize_model's folding search (False: balanced shapes)
     threads: int = 1
     seed: int = 0
 
@@ -104,6 +105,7 @@ FULL = DemoConfig(
     refine_iters=None,
     calibration_samples=512,
     calibration_batch=128,
+    search_shapes=False,
 )
 
 #: A small version for tests and ``--quick`` (a few seconds).
@@ -124,6 +126,7 @@ QUICK = DemoConfig(
     refine_iters=5,
     calibration_samples=256,
     calibration_batch=128,
+    search_shapes=False,
 )
 
 
@@ -487,7 +490,9 @@ def demo_compression(config: DemoConfig = FULL, out: TextIO = sys.stdout) -> dic
     rows = []
     for factorization, rank, method, kwargs in runs:
         tic = time.perf_counter()
-        model, report = tensorize_model(dense, progress=False, **kwargs)
+        model, report = tensorize_model(
+            dense, progress=False, search_shapes=config.search_shapes, **kwargs
+        )
         convert_s = time.perf_counter() - tic
         before = accuracy(model, x_test, y_test)
         tic = time.perf_counter()
@@ -539,7 +544,8 @@ def demo_compression(config: DemoConfig = FULL, out: TextIO = sys.stdout) -> dic
         "model's parameters against the dense model's.",
         "calibrated: each layer fitted to its outputs on the calibration inputs "
         f"({iters}); + sequential: the layers fitted in call order, each on the inputs the "
-        "partly compressed model gives it; convert: the whole tensorize_model call.",
+        "partly compressed model gives it; convert: the whole tensorize_model call"
+        + ("." if config.search_shapes else ", balanced foldings (search_shapes=False)."),
         "vs dense: forward speed-up over the dense model (inference cache on; implementation "
         "'auto', CP 'reconstructed').",
     ):
