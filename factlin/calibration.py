@@ -6,7 +6,7 @@
 * a ``tuple`` or ``list``: ``model(*batch)``;
 * a ``Mapping`` (e.g. a tokenizer's output): ``model(**batch)``.
 
-A bare ``Tensor`` given as ``calibration`` itself is one batch. The model runs in eval mode
+A bare ``Tensor`` or ``Mapping`` given as ``calibration`` itself is one batch. The model runs in eval mode
 without autograd; every module's training flag is restored afterwards, and every hook removed,
 even when a batch raises.
 
@@ -55,8 +55,8 @@ def calibration_batches(calibration: object, *, reusable: bool = False) -> Itera
     TypeError
         If ``calibration`` is None, a string or not iterable.
     """
-    if isinstance(calibration, torch.Tensor):
-        return [calibration]
+    if isinstance(calibration, (torch.Tensor, Mapping)):
+        return [calibration]  # one batch (e.g. a tokenizer's output), not its keys
     if (
         calibration is None
         or isinstance(calibration, (str, bytes))

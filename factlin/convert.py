@@ -625,6 +625,11 @@ def tensorize_model(
             "factorization='auto' chooses each layer's format from its calibrated output "
             "errors under a parameter budget: pass budget= and calibration= too"
         )
+    if calibration_kwargs is not None and calibration is None:
+        raise TypeError(
+            "calibration_kwargs configures calibrated fits: pass calibration= too (or drop "
+            "calibration_kwargs)"
+        )
     if sequential and calibration is None:
         raise FactlinError("sequential=True fits layers on calibration inputs: pass calibration=")
     if refine_steps and (calibration is None or given_stats is not None):

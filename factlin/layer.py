@@ -247,6 +247,11 @@ class FactorizedLinear(nn.Module):
         stats = None
         if calibration is not None:
             stats = [as_input_stats("calibration", calibration, in_features)]
+        elif calibration_kwargs is not None:
+            raise TypeError(
+                "calibration_kwargs configures calibrated fits: pass calibration= too (or drop "
+                "calibration_kwargs)"
+            )
         if auto_tensorize:
             if in_tensorized_features is not None or out_tensorized_features is not None:
                 raise ShapeError(

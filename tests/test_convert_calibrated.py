@@ -200,7 +200,7 @@ def test_layers_no_batch_reaches_are_fitted_data_free():
     [
         ({"sequential": True}, ValueError, "calibration"),
         ({"factorization": "auto", "rank": 0.3}, ValueError, "budget"),
-        ({"calibration": "text"}, TypeError, "iterable of batches"),
+        ({"calibration": b"text"}, TypeError, "iterable of batches"),
         ({"calibration": 3}, TypeError, "iterable of batches"),
         ({"calibration": []}, CalibrationError, "empty"),
         ({"refine_steps": 5}, ValueError, "calibration"),
@@ -208,13 +208,16 @@ def test_layers_no_batch_reaches_are_fitted_data_free():
         ({"refine_lr": 0.0}, ValueError, "refine_lr"),
         ({"sequential": "yes"}, TypeError, "sequential"),
         ({"tolerance": 0.5, "factorization": "tt"}, ValueError, "tolerance"),
-        ({"calibration_kwargs": {"bogus": 1}}, TypeError, "bogus"),
+        ({"calibration_kwargs": {"bogus": 1}, "calibration": "batches"}, TypeError, "bogus"),
+        ({"calibration_kwargs": {"damping": 0.1}}, TypeError, "pass calibration"),
     ],
 )
 def test_bad_arguments_raise_before_any_work(kwargs, error, message):
     model = _model()
     before = copy.deepcopy(model.state_dict())
     kwargs = dict(kwargs)
+    if isinstance(kwargs.get("calibration"), str) and kwargs["calibration"] == "batches":
+        kwargs["calibration"] = _batches(2)
     if "calibration" not in kwargs and kwargs.get("tolerance") is not None:
         kwargs["calibration"] = _batches(2)
     kwargs.setdefault("rank", 0.3) if "budget" not in kwargs else None

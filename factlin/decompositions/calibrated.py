@@ -131,6 +131,18 @@ class OutputObjective:
     moment: torch.Tensor
     scale: torch.Tensor
     target: torch.Tensor
+    linear: Optional[torch.Tensor] = None
+    offset: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        # f = c0 + <E C, E> + 2 <W_hat, R> with E = W_hat - T, R = T C - P, c0 = s - <T C, T>:
+        # no cancellation when W_hat is close to T (R and c0 vanish when T = W)
+        t = self.target.to(torch.float64)
+        tc = t @ self.moment
+        if self.linear is None:
+            self.linear = tc - self.cross
+        if self.offset is None:
+            self.offset = self.scale - (tc * t).sum(dim=(-2, -1))
 
     @classmethod
     def for_weights(
@@ -171,8 +183,9 @@ class OutputObjective:
     def value(self, matrices: torch.Tensor) -> torch.Tensor:
         """``sum_l f_l(W_hat_l)`` for ``matrices`` ``(n_layers, out, in)`` (differentiable)."""
         m = matrices.to(torch.float64)
-        quad = ((m @ self.moment) * m).sum()
-        return self.scale.sum() - 2 * (m * self.cross).sum() + quad
+        residual = m - self.target.to(torch.float64)
+        quad = ((residual @ self.moment) * residual).sum()
+        return self.offset.sum() + quad + 2 * (m * self.linear).sum()
 
     def relative_error(self, matrices: torch.Tensor) -> float:
         """``sqrt(f / s)``: the relative output error (0.0 when the outputs are all zero)."""
