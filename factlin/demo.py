@@ -600,16 +600,18 @@ def plot_compression(result: dict, path: str) -> None:
                     ):  # fmt: skip
                         xs.append(g + (k - (len(methods) - 1) / 2) * width)
                         ys.append(row[key])
-            axes.bar(xs, ys, width=width, label=method)
+            bars = axes.bar(xs, ys, width=width, label=method)
+            axes.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
         axes.axhline(result["dense"]["accuracy"], color="gray", linestyle="--", label="dense")
         axes.set_xticks(range(len(groups)))
         axes.set_xticklabels([f"{f}\n{r}" for f, r in groups])
-        axes.set_ylim(0, 1)
+        axes.set_ylim(0, 1.05)
         axes.set_title(f"test accuracy {title}")
     panels[0].set_ylabel("test accuracy")
-    panels[1].legend(loc="lower right")
+    handles, labels = panels[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
     figure.suptitle("digits MLP compressed with tensorize_model: data-free against calibrated")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     figure.savefig(path)
 
 
