@@ -455,7 +455,7 @@ def tensorize_model(
     calibration_kwargs: Optional[dict] = None,
     refine_steps: int = 0,
     refine_lr: float = DEFAULT_REFINE_LR,
-    search_shapes: bool = True,
+    search_shapes: Optional[bool] = None,
     process_group: Optional[Any] = None,
     structure: Optional[Any] = None,
 ) -> tuple[nn.Module, ConversionReport]:
@@ -546,9 +546,10 @@ def tensorize_model(
         Kept only if it lowers that loss over the batches (``report.refinement`` says).
     refine_lr : float, default 1e-4
         Adam's step size for ``refine_steps``.
-    search_shapes : bool, default True
+    search_shapes : bool or None, default None
         Choose each layer's tensorized folding by fit at its budget
-        (:meth:`FactorizedLinear.from_linear`); False keeps the balanced folding of
+        (:meth:`FactorizedLinear.from_linear`; None: for Tucker and TT, not for CP); False
+        keeps the balanced folding of
         :func:`factlin.get_tensorized_shape`. Not with ``tolerance`` (its ranks belong to the
         balanced folding) or a calibrated ``budget`` (the allocation chooses).
     process_group : torch.distributed.ProcessGroup, optional
@@ -614,7 +615,8 @@ def tensorize_model(
     auto = isinstance(factorization, str) and factorization.strip().lower() == "auto"
     factorization = "auto" if auto else normalize_factorization(factorization)
     sequential = check_bool("sequential", sequential)
-    search_shapes = check_bool("search_shapes", search_shapes)
+    if search_shapes is not None:
+        search_shapes = check_bool("search_shapes", search_shapes)
     refine_steps, refine_lr = check_refine_args(refine_steps, refine_lr)
     fit_options = check_calibration_kwargs(calibration_kwargs)
     given_stats = _given_stats(calibration)
@@ -722,9 +724,7 @@ def tensorize_model(
     if given_stats is not None:
         stats = given_stats
     elif calibration is not None and (not sequential or budget is not None):
-        stats = collect_layer_stats(
-            root, [p.record.name for p in active], calibration, progress
-        )
+        stats = collect_layer_stats(root, [p.record.name for p in active], calibration, progress)
         if process_group is not None:  # each rank saw its own batches
             stats = all_reduce_stats(stats, [p.record.name for p in active], process_group)
 
@@ -845,7 +845,7 @@ class _Fitter:
         tolerance: Optional[float],
         fit_options: dict,
         calibrated: bool,
-        search_shapes: bool = False,
+        search_shapes: Optional[bool] = False,
         n_modes: int = 3,
     ) -> None:
         self.search_shapes = search_shapes
@@ -879,9 +879,14 @@ class _Fitter:
             record.note = "no calibration input reached it: fitted data-free"
         # the folding is searched unless the ranks belong to the planned one (tolerance, or a
         # budget allocation that chose folding and ranks together)
-        search = self.search_shapes and tolerance is None and plan.estimated_error is None
+        search = self.search_shapes is not False and tolerance is None
+        search = search and plan.estimated_error is None
         shapes = (
-            {"auto_tensorize": True, "n_tensorized_modes": self.n_modes, "search_shapes": True}
+            {
+                "auto_tensorize": True,
+                "n_tensorized_modes": self.n_modes,
+                "search_shapes": self.search_shapes,
+            }
             if search
             else {
                 "auto_tensorize": False,

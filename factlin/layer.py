@@ -171,7 +171,7 @@ class FactorizedLinear(nn.Module):
         verbose: bool = False,
         calibration: Optional[torch.Tensor | InputStats | PairedInputStats] = None,
         calibration_kwargs: Optional[dict] = None,
-        search_shapes: bool = True,
+        search_shapes: Optional[bool] = None,
     ) -> FactorizedLinear:
         """Compress a trained ``nn.Linear`` by decomposing its weight.
 
@@ -185,7 +185,8 @@ class FactorizedLinear(nn.Module):
             As in the constructor.
         auto_tensorize : bool, default True
             Choose the tensorized shapes; then ``in_tensorized_features`` and
-            ``out_tensorized_features`` must be None. With ``search_shapes`` (the default),
+            ``out_tensorized_features`` must be None. With ``search_shapes`` (the default
+            for Tucker and TT),
             several foldings of the features are fitted at the parameter budget of ``rank``
             on the balanced folding and the lowest error wins
             (:func:`factlin.shape_search.choose_tensorized_shape`; the calibrated output error
@@ -218,9 +219,14 @@ class FactorizedLinear(nn.Module):
             energy), ``refine`` (default True), ``n_iter_max`` (refinement iterations, default
             100) and ``tol`` (stop once 10 iterations together improve the output error by
             less than this fraction, default 1e-3).
-        search_shapes : bool, default True
+        search_shapes : bool or None, default None
             With ``auto_tensorize`` and more than one mode per side: choose the folding by fit
             (above). The candidates and their errors are in ``decomposition_info['shapes']``.
+            None searches for Tucker and TT (a fit per candidate takes milliseconds to a
+            second) and keeps the balanced folding for CP, where each candidate costs a CP-ALS
+            run (seconds to minutes on real layers); True searches for CP too, ranking the
+            candidates by 3 ALS sweeps, then fitting the best of them and the balanced folding
+            in full (about 2-3x the time of one fit).
 
         Returns
         -------
@@ -243,6 +249,8 @@ class FactorizedLinear(nn.Module):
         out_features, in_features = weight.shape
         shape_info: Optional[list[dict]] = None
         auto_tensorize = check_bool("auto_tensorize", auto_tensorize)
+        if search_shapes is None:
+            search_shapes = normalize_factorization(factorization) != "cp"
         search_shapes = check_bool("search_shapes", search_shapes)
         stats = None
         if calibration is not None:
