@@ -309,15 +309,22 @@ def plot(rows: list[dict], path: str) -> None:
         old = row.get("before")
         if old is not None and "seconds" in old:
             series.setdefault(name + " (before)", []).append((numel, _time(old), new["flops"]))
+    bases = sorted({name.replace(" (before)", "") for name in series})
+    colors = {base: f"C{k}" for k, base in enumerate(bases)}
+    colors["svd_lowrank"] = "black"
     for name, points in sorted(series.items()):
         points.sort()
         xs = [p[0] for p in points]
-        style = "--" if "before" in name else ("k:" if name == "svd_lowrank" else "-")
-        ax_time.plot(xs, [p[1] for p in points], style, marker="o", label=name)
-        if "before" not in name:
-            ax_rate.plot(
-                [p[2] / 1e9 for p in points], [p[1] for p in points], style, marker="o", label=name
-            )
+        before = "before" in name
+        style = {
+            "color": colors[name.replace(" (before)", "")],
+            "linestyle": "--" if before else (":" if name == "svd_lowrank" else "-"),
+            "marker": "x" if before else "o",
+            "label": name,
+        }
+        ax_time.plot(xs, [p[1] for p in points], **style)
+        if not before:
+            ax_rate.plot([p[2] / 1e9 for p in points], [p[1] for p in points], **style)
     ax_time.set(
         xscale="log",
         yscale="log",
