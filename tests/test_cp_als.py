@@ -253,6 +253,12 @@ def test_default_tol_stops_on_the_plateau():
 def test_max_seconds_returns_the_fit_so_far(block_size):
     x = torch.randn(8, 9, 10, generator=torch.Generator().manual_seed(13))
     errors = []
+
+    def slow_callback(iteration: int, error: float) -> None:
+        # each sweep lasts >= 50 ms whatever the machine: the bound, not convergence, stops it
+        errors.append(error)
+        time.sleep(0.05)
+
     cp = cp_als(
         x,
         12,
@@ -260,11 +266,11 @@ def test_max_seconds_returns_the_fit_so_far(block_size):
         tol=0.0,
         max_seconds=0.3,
         block_size=block_size,
-        callback=lambda it, e: errors.append(e),
+        callback=slow_callback,
     )
     assert cp.stop_reason == "max_seconds"
     assert 1 <= cp.n_iter == len(errors) < 10_000
-    assert cp.seconds < 0.3 + 0.5  # at most one sweep past the bound, measured loosely
+    assert cp.seconds < 0.3 + 2.0  # about one sweep past the bound (loose: shared machines)
     assert cp.rel_error == pytest.approx(rel(cp.to_tensor(), x), rel=1e-4)
     assert cp.rel_error <= errors[0] + 1e-6  # the fit reached, not the initialization
 
