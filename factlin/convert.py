@@ -698,7 +698,8 @@ def tensorize_model(
 
     # ---- plan ----------------------------------------------------------------------------
     start = time.perf_counter()
-    dense = dense_reference(model, inplace) if sequential or refine_steps else None
+    # the dense model that sequential fitting and refinement compare against (unused otherwise)
+    dense = dense_reference(model, inplace) if sequential or refine_steps else model
     root = model if inplace else copy.deepcopy(model)
     model_before = _module_params(root)
     owners = _parameter_owners(root)
@@ -766,7 +767,6 @@ def tensorize_model(
 
     try:
         if sequential and not (len(active) == 1 and active[0].record.name == ""):
-            assert dense is not None
             fit_sequentially(
                 dense, root, active, calibration, fitter, swap, progress, after_each=logged
             )
@@ -789,7 +789,6 @@ def tensorize_model(
                 if id(plan) in new_modules:
                     swap(plan, new_modules[id(plan)])
         if refine_steps:
-            assert dense is not None
             converted = [p.record.name for p in active if p.record.skipped is None]
             batches = calibration if isinstance(calibration, Sequence) else list(calibration)
             refinement = refine_converted(
