@@ -204,7 +204,9 @@ class FactorizedLinear(nn.Module):
         checkpointing : bool, default False
         decomposition_kwargs : dict, optional
             Passed to the decomposition: ``n_iter_max``, ``tol``, ``init``, ``random_state``,
-            ``memory_limit_bytes``, ``callback`` and, for TT, ``rel_tol``.
+            ``memory_limit_bytes``, ``callback``; for CP also ``line_search``, ``block_size``,
+            ``max_seconds`` and ``time_limit_seconds``; for TT ``rel_tol`` (see the README's
+            table "Decomposing trained weights").
         verbose : bool, default False
             Log progress through ``logging.getLogger('factlin')``.
         calibration : Tensor, InputStats or PairedInputStats, optional
