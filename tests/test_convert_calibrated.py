@@ -239,3 +239,23 @@ def test_a_batch_the_model_rejects_names_its_index_and_changes_nothing():
     assert all(not m._forward_pre_hooks for m in model.modules())
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, before[key])
+
+
+def test_from_linear_refuses_calibration_kwargs_without_calibration():
+    with pytest.raises(TypeError, match="pass calibration"):
+        FactorizedLinear.from_linear(nn.Linear(16, 16), rank=0.3, calibration_kwargs={"tol": 0.1})
+
+
+def test_a_single_mapping_is_one_batch_not_its_keys():
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(24, 24)
+
+        def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+            return self.fc(x * scale)
+
+    batch = {"x": _batches(1)[0], "scale": 2.0}
+    stats = collect_input_stats(Keyword(), batch)
+    assert stats["fc"].count == 32
+    torch.testing.assert_close(stats["fc"].mean, (2.0 * batch["x"]).double().mean(0))
